@@ -1,0 +1,53 @@
+"""The thin command-line layer every stage shares: one-line errors, exit codes, signals."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+
+
+class StageError(Exception):
+    """A problem the user can fix (bad parameter, missing or corrupt file); printed as one line."""
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM, so cleanup code runs."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
+def log(stage: str, message: str) -> None:
+    print(f"{stage}: {message}", flush=True)
+
+
+class Timer:
+    """Seconds since creation, for the stages' progress lines."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __str__(self) -> str:
+        return f"{time.perf_counter() - self.start:.1f} s"
+
+
+def run_stage(name: str, description: str, main: Callable[[], None], argv: list[str] | None = None) -> None:
+    """Parse `--help`, run `main`, and turn failures into one line and a non-zero exit."""
+    argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description).parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        main()
+    except StageError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted (SIGINT); no output was written", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Terminated:
+        print(f"{name}: terminated (SIGTERM); no output was written", file=sys.stderr, flush=True)
+        sys.exit(143)

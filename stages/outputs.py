@@ -1,0 +1,44 @@
+"""Writing outputs so that a stage killed at any moment never leaves a truncated file behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TEMP_MARK = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; move it into place only if the block succeeds.
+
+    The temporary name starts with a dot and is ignored by git. On any exception,
+    SIGTERM and Ctrl-C included, it is removed. A SIGKILL can leave it behind; the next
+    write to the same path removes such leftovers.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}{TEMP_MARK}*"):
+        stale.unlink(missing_ok=True)
+    temporary = path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}"
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` as stable, sorted JSON, atomically."""
+    with atomic_output(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def remove_outputs(*paths: Path) -> None:
+    """Delete earlier outputs before a stage starts, so a failure cannot leave a stale mix."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)

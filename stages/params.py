@@ -1,0 +1,97 @@
+"""The pipeline's parameters: `params.yaml` loaded into one typed, validated object.
+
+Nothing else reads the YAML. Validation happens here, before any stage imports
+TensorFlow, so a typo costs a second, not a training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.cli import StageError
+
+PARAMS_FILE = Path("params.yaml")
+SOURCES = ("idx", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """Every hyperparameter of the pipeline; defaults are the notebook's values."""
+
+    source: str = "idx"
+    tfds_data_dir: str | None = None
+    seed: int = 42
+    validation_fraction: float = 0.1
+    shuffle_buffer: int = 10_000
+    batch_size: int = 100
+    epochs: int = 5
+    hidden_layers: int = 2
+    hidden_layer_size: int = 50
+    learning_rate: float = 0.001
+    mlflow_experiment: str = "mnist-dnn"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+# key -> (check, what is allowed); each check gets the raw YAML value.
+_RULES: dict[str, tuple[Any, str]] = {
+    "source": (lambda v: v in SOURCES, f"one of {', '.join(SOURCES)}"),
+    "tfds_data_dir": (lambda v: v is None or (isinstance(v, str) and v != ""), "null or a directory path"),
+    "seed": (lambda v: _is_int(v) and 0 <= v < 2**31, "an integer in [0, 2147483647]"),
+    "validation_fraction": (lambda v: _is_number(v) and 0 < v < 1, "a number strictly between 0 and 1"),
+    "shuffle_buffer": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "hidden_layers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "hidden_layer_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "learning_rate": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "mlflow_experiment": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+}
+
+
+def parse_params(raw: Any, origin: str = str(PARAMS_FILE)) -> Params:
+    """Validate a mapping read from YAML; raise StageError naming the key, value and what is allowed."""
+    if not isinstance(raw, dict):
+        raise StageError(f"{origin}: expected a mapping of parameters, got {type(raw).__name__}")
+    for key in raw:
+        if key not in _RULES:
+            hint = difflib.get_close_matches(str(key), _RULES, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise StageError(f"{origin}: unknown key '{key}'{suggestion}; allowed keys: {', '.join(_RULES)}")
+    for key, (check, allowed) in _RULES.items():
+        if key not in raw:
+            raise StageError(f"{origin}: missing key '{key}' ({allowed})")
+        if not check(raw[key]):
+            raise StageError(f"{origin}: {key} must be {allowed}, got {raw[key]!r}")
+    values = dict(raw)
+    values["validation_fraction"] = float(values["validation_fraction"])
+    values["learning_rate"] = float(values["learning_rate"])
+    return Params(**values)
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    """Read and validate `params.yaml`."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise StageError(f"{path}: cannot read parameters: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise StageError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+    return parse_params(raw, str(path))

@@ -1,0 +1,50 @@
+"""prepare: MNIST from the chosen source -> data/prepared/{train,test}.tfrecord and summary.json."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stages import paths
+from stages.cli import Timer, log, run_stage
+from stages.mnist_data import NUM_CLASSES, Dataset, Examples, load_idx, load_tfds
+from stages.outputs import write_json
+from stages.params import Params, load_params
+from stages.records import write_examples
+
+
+def load_source(params: Params) -> Dataset:
+    return load_idx() if params.source == "idx" else load_tfds(params.tfds_data_dir)
+
+
+def describe(examples: Examples) -> dict:
+    counts = np.bincount(examples.labels, minlength=NUM_CLASSES)
+    return {"count": len(examples.labels), "per_class": {str(c): int(n) for c, n in enumerate(counts)}}
+
+
+def prepare(dataset: Dataset, source: str) -> dict:
+    """Write both splits as TFRecords and a summary; return the summary."""
+    write_examples(paths.PREPARED_TRAIN, dataset.train)
+    write_examples(paths.PREPARED_TEST, dataset.test)
+    summary = {
+        "source": source,
+        "train": describe(dataset.train),
+        "test": describe(dataset.test),
+        "sha256": dataset.sha256,
+    }
+    write_json(paths.PREPARED_SUMMARY, summary)
+    return summary
+
+
+def main() -> None:
+    timer = Timer()
+    params = load_params()
+    summary = prepare(load_source(params), params.source)
+    log(
+        "prepare",
+        f"wrote {summary['train']['count']} train / {summary['test']['count']} test records "
+        f"from {params.source} to {paths.PREPARED_DIR} in {timer}",
+    )
+
+
+if __name__ == "__main__":
+    run_stage("prepare", __doc__, main)

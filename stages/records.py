@@ -1,0 +1,183 @@
+"""The on-disk record format, defined once: TFRecord files of `tf.train.Example`s.
+
+Each record holds one image as raw uint8 bytes (feature `image`, 784 bytes) and its
+label (feature `label`, int64). The writer and the framing reader are plain Python
+(with google-crc32c for the checksums) so that the data stages need not import
+TensorFlow, which costs seconds; `load_examples` is TensorFlow's own reader,
+used by the stages that train and evaluate.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+
+from stages.cli import StageError
+from stages.mnist_data import IMAGE_SHAPE, Examples
+from stages.outputs import atomic_output
+
+IMAGE_BYTES = int(np.prod(IMAGE_SHAPE))
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(field_number: int, payload: bytes) -> bytes:
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def encode_example(image: bytes, label: int) -> bytes:
+    """Serialize a `tf.train.Example` with features `image` (bytes) and `label` (int64)."""
+    # Feature: bytes_list is field 1, int64_list field 3; each list's values are field 1 (int64 packed).
+    image_feature = _length_delimited(1, _length_delimited(1, image))
+    label_feature = _length_delimited(3, _length_delimited(1, _varint(label)))
+    # Features.feature is a map<string, Feature>: repeated entries of key (1) and value (2).
+    features = b"".join(
+        _length_delimited(1, _length_delimited(1, key) + _length_delimited(2, value))
+        for key, value in ((b"image", image_feature), (b"label", label_feature))
+    )
+    return _length_delimited(1, features)
+
+
+def _read_varint(buffer: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if position >= len(buffer):
+            raise ValueError("truncated varint")
+        byte = buffer[position]
+        value |= (byte & 0x7F) << shift
+        position += 1
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
+def _fields(buffer: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) for each varint or length-delimited field of a protobuf message."""
+    position = 0
+    while position < len(buffer):
+        key, position = _read_varint(buffer, position)
+        wire_type = key & 7
+        if wire_type == 0:
+            value, position = _read_varint(buffer, position)
+            yield key >> 3, value
+        elif wire_type == 2:
+            length, position = _read_varint(buffer, position)
+            if position + length > len(buffer):
+                raise ValueError("truncated field")
+            yield key >> 3, buffer[position : position + length]
+            position += length
+        else:
+            raise ValueError(f"unexpected wire type {wire_type}")
+
+
+def decode_example(record: bytes) -> tuple[bytes, int]:
+    """The (image bytes, label) of a serialized Example written by `encode_example` or by TensorFlow."""
+    features: dict[bytes, bytes] = {}
+    for _, features_message in _fields(record):
+        for _, entry in _fields(features_message):
+            parts = dict(_fields(entry))
+            features[parts[1]] = parts.get(2, b"")
+    image = label = None
+    for number, value in _fields(features[b"image"]):
+        if number == 1:
+            image = next(v for n, v in _fields(value) if n == 1)
+    for number, value in _fields(features[b"label"]):
+        if number == 3:
+            int64_list = next(v for n, v in _fields(value) if n == 1)
+            label = int64_list if isinstance(int64_list, int) else _read_varint(int64_list, 0)[0]
+    if image is None or label is None:
+        raise ValueError("missing image or label")
+    return image, label
+
+
+def frame_record(data: bytes) -> bytes:
+    """One TFRecord: length, its masked CRC-32C, the data, and its masked CRC-32C."""
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def write_framed(path: Path, records: Iterable[bytes]) -> int:
+    """Write serialized records to a TFRecord file atomically; return how many were written."""
+    count = 0
+    with atomic_output(path) as temporary, open(temporary, "wb") as file:
+        for record in records:
+            file.write(frame_record(record))
+            count += 1
+    return count
+
+
+def write_examples(path: Path, examples: Examples) -> int:
+    """Write images and labels as a TFRecord file of Examples, atomically."""
+    flat = examples.images.reshape(len(examples.images), -1)
+    return write_framed(path, (encode_example(image.tobytes(), int(label)) for image, label in zip(flat, examples.labels)))
+
+
+def read_framed(path: Path) -> list[bytes]:
+    """The serialized records of a TFRecord file, checksums verified; StageError if it is damaged."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise StageError(f"{path}: cannot read: {exc.strerror}") from exc
+    records = []
+    position = 0
+    while position < len(data):
+        if position + 12 > len(data):
+            raise StageError(f"{path}: truncated record header at byte {position} of {len(data)}")
+        header = data[position : position + 8]
+        (length,) = struct.unpack("<Q", header)
+        (length_crc,) = struct.unpack("<I", data[position + 8 : position + 12])
+        if length_crc != _masked_crc(header):
+            raise StageError(f"{path}: corrupt record header at byte {position} (length checksum mismatch)")
+        start, end = position + 12, position + 12 + length
+        if end + 4 > len(data):
+            raise StageError(f"{path}: truncated record at byte {position}: needs {end + 4} bytes, file has {len(data)}")
+        record = data[start:end]
+        (data_crc,) = struct.unpack("<I", data[end : end + 4])
+        if data_crc != _masked_crc(record):
+            raise StageError(f"{path}: corrupt record at byte {position} (data checksum mismatch)")
+        records.append(record)
+        position = end + 4
+    return records
+
+
+def load_examples(path: Path) -> Examples:
+    """Read a TFRecord file of Examples with TensorFlow (batched parsing) into uint8 arrays."""
+    import tensorflow as tf
+
+    feature_spec = {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+    }
+
+    def parse_batch(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        parsed = tf.io.parse_example(serialized, feature_spec)
+        images = tf.io.decode_raw(parsed["image"], tf.uint8, fixed_length=IMAGE_BYTES)
+        return tf.reshape(images, (-1, *IMAGE_SHAPE)), tf.cast(parsed["label"], tf.uint8)
+
+    if not Path(path).is_file():
+        raise StageError(f"{path}: file not found (run `dvc repro` to create it)")
+    dataset = tf.data.TFRecordDataset(str(path)).batch(10_000).map(parse_batch)
+    try:
+        batches = [(images.numpy(), labels.numpy()) for images, labels in dataset]
+    except tf.errors.OpError as exc:
+        first_line = exc.message.strip().splitlines()[0]
+        raise StageError(f"{path}: not a valid TFRecord file of MNIST examples: {first_line}") from exc
+    if not batches:
+        raise StageError(f"{path}: contains no records")
+    return Examples(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
