@@ -74,9 +74,7 @@ def parse_idx(data: bytes, expected_magic: int, origin: str) -> np.ndarray:
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected_size = header_size + int(np.prod(shape))
     if len(data) != expected_size:
-        raise StageError(
-            f"{origin}: size mismatch for shape {shape}: expected {expected_size} bytes, got {len(data)}"
-        )
+        raise StageError(f"{origin}: size mismatch for shape {shape}: expected {expected_size} bytes, got {len(data)}")
     return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
 
 

@@ -22,9 +22,10 @@ def atomic_output(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}{TEMP_MARK}*"):
+    for stale in path.parent.glob(f".{path.stem}{TEMP_MARK}*{path.suffix}"):
         stale.unlink(missing_ok=True)
-    temporary = path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}"
+    # Same suffix as the target: some writers (Keras) insist on it.
+    temporary = path.parent / f".{path.stem}{TEMP_MARK}{os.getpid()}{path.suffix}"
     try:
         yield temporary
         os.replace(temporary, path)
@@ -36,9 +37,3 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write `data` as stable, sorted JSON, atomically."""
     with atomic_output(path) as temporary:
         temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def remove_outputs(*paths: Path) -> None:
-    """Delete earlier outputs before a stage starts, so a failure cannot leave a stale mix."""
-    for path in paths:
-        Path(path).unlink(missing_ok=True)

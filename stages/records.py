@@ -125,7 +125,9 @@ def write_framed(path: Path, records: Iterable[bytes]) -> int:
 def write_examples(path: Path, examples: Examples) -> int:
     """Write images and labels as a TFRecord file of Examples, atomically."""
     flat = examples.images.reshape(len(examples.images), -1)
-    return write_framed(path, (encode_example(image.tobytes(), int(label)) for image, label in zip(flat, examples.labels)))
+    return write_framed(
+        path, (encode_example(image.tobytes(), int(label)) for image, label in zip(flat, examples.labels, strict=True))
+    )
 
 
 def read_framed(path: Path) -> list[bytes]:
@@ -146,7 +148,9 @@ def read_framed(path: Path) -> list[bytes]:
             raise StageError(f"{path}: corrupt record header at byte {position} (length checksum mismatch)")
         start, end = position + 12, position + 12 + length
         if end + 4 > len(data):
-            raise StageError(f"{path}: truncated record at byte {position}: needs {end + 4} bytes, file has {len(data)}")
+            raise StageError(
+                f"{path}: truncated record at byte {position}: needs {end + 4} bytes, file has {len(data)}"
+            )
         record = data[start:end]
         (data_crc,) = struct.unpack("<I", data[end : end + 4])
         if data_crc != _masked_crc(record):

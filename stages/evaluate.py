@@ -1,0 +1,159 @@
+"""evaluate: models/model.keras on data/prepared/test.tfrecord -> metrics/evaluate.json, per-class
+metrics and the confusion matrix; recorded in the MLflow run that trained the model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stages import import_tensorflow, paths, tracking
+from stages.cli import StageError, Timer, log, run_stage
+from stages.mnist_data import NUM_CLASSES, Examples
+from stages.outputs import atomic_output, write_json
+from stages.params import load_params
+from stages.records import load_examples
+
+if TYPE_CHECKING:
+    import keras
+
+
+def load_model(path: Path) -> keras.Model:
+    import keras
+
+    if not Path(path).is_file():
+        raise StageError(f"{path}: file not found (run `dvc repro train` to create it)")
+    try:
+        return keras.models.load_model(path)
+    except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors... for a bad file
+        raise StageError(f"{path}: not a loadable Keras model: {str(exc).strip().splitlines()[0]}") from exc
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+    """matrix[actual, predicted] = count."""
+    flat = labels.astype(np.int64) * NUM_CLASSES + predictions.astype(np.int64)
+    return np.bincount(flat, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+def per_class_metrics(matrix: np.ndarray) -> dict[str, dict[str, float]]:
+    """Precision and recall of each digit (0.0 where the digit is never predicted / never present)."""
+    correct = np.diag(matrix).astype(float)
+    predicted, actual = matrix.sum(axis=0), matrix.sum(axis=1)
+    precision = np.divide(correct, predicted, out=np.zeros(NUM_CLASSES), where=predicted > 0)
+    recall = np.divide(correct, actual, out=np.zeros(NUM_CLASSES), where=actual > 0)
+    return {str(d): {"precision": float(precision[d]), "recall": float(recall[d])} for d in range(NUM_CLASSES)}
+
+
+def evaluate(model: keras.Model, examples: Examples) -> dict[str, Any]:
+    """Test loss and accuracy as Keras computes them, plus each image's predicted digit."""
+    from stages.train import evaluation_dataset
+
+    dataset = evaluation_dataset(examples)
+    loss, accuracy = model.evaluate(dataset, verbose=0)
+    predictions = np.argmax(model.predict(dataset, verbose=0), axis=1)
+    return {"test_loss": float(loss), "test_accuracy": float(accuracy), "predictions": predictions}
+
+
+def format_report(results: dict[str, Any], per_class: dict[str, dict[str, float]], matrix: np.ndarray) -> str:
+    lines = [
+        # The notebook's own line, for comparison.
+        "Test loss: {:.2f}. Test accuracy: {:.2f}%".format(results["test_loss"], results["test_accuracy"] * 100.0),
+        "digit  precision  recall",
+        *(f"{d:>5}  {m['precision']:9.4f}  {m['recall']:6.4f}" for d, m in per_class.items()),
+        "confusion matrix (rows: actual, columns: predicted)",
+        "     " + "".join(f"{d:>6}" for d in range(NUM_CLASSES)),
+        *(f"{a:>5}" + "".join(f"{n:>6}" for n in row) for a, row in enumerate(matrix)),
+    ]
+    return "\n".join(lines)
+
+
+def confusion_figure(matrix: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 5.5))
+    axes.imshow(matrix, cmap="Blues")
+    for (actual, predicted), count in np.ndenumerate(matrix):
+        color = "white" if count > matrix.max() / 2 else "black"
+        axes.text(predicted, actual, str(count), ha="center", va="center", fontsize=7, color=color)
+    axes.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted", ylabel="actual")
+    axes.set_title("MNIST test set: confusion matrix")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_confusion_csv(path: Path, labels: np.ndarray, predictions: np.ndarray) -> None:
+    """One row per test image, the layout DVC's confusion template plots."""
+    with atomic_output(path) as temporary, open(temporary, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows(zip(labels.tolist(), predictions.tolist(), strict=True))
+
+
+def training_run_id() -> str:
+    try:
+        return json.loads(paths.TRAIN_METRICS.read_text())["mlflow_run_id"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise StageError(f"{paths.TRAIN_METRICS}: cannot read the training run's mlflow_run_id: {exc}") from exc
+
+
+def record(
+    run_id: str, experiment_id: str, params: dict[str, Any], metrics: dict[str, float], matrix: np.ndarray
+) -> str:
+    """Log into the training run; if that run is not in this store, into a new run saying so."""
+    import mlflow
+
+    if tracking.run_exists(run_id):
+        start: dict[str, Any] = {"run_id": run_id}
+    else:
+        log(
+            "evaluate",
+            f"warning: MLflow run {run_id} of the trained model is not in {tracking.tracking_uri()}; "
+            "recording this evaluation in a new run",
+        )
+        start = {"experiment_id": experiment_id, "run_name": f"{tracking.run_name()}-evaluate"}
+    with tracking.recorded_run(**start) as run, tempfile.TemporaryDirectory() as folder:
+        if "experiment_id" in start:
+            mlflow.log_params(params)
+            mlflow.set_tags({"model.trained_in_run": run_id, "dvc.experiment": tracking.run_name()})
+        mlflow.log_metrics(metrics)
+        figure = Path(folder) / "confusion_matrix.png"
+        confusion_figure(matrix, figure)
+        mlflow.log_artifact(str(figure))
+        return run.info.run_id
+
+
+def main() -> None:
+    timer = Timer()
+    params = load_params()
+    run_id = training_run_id()
+    experiment_id = tracking.connect(params.mlflow_experiment)
+    import_tensorflow()
+    model = load_model(paths.MODEL)
+    test = load_examples(paths.PREPARED_TEST)
+    results = evaluate(model, test)
+    matrix = confusion_matrix(test.labels, results["predictions"])
+    per_class = per_class_metrics(matrix)
+    print(format_report(results, per_class, matrix), flush=True)
+    metrics = {"test_loss": results["test_loss"], "test_accuracy": results["test_accuracy"]}
+    flat_per_class = {f"test_{name}_{d}": value for d, m in per_class.items() for name, value in m.items()}
+    recorded_in = record(run_id, experiment_id, params.as_dict(), {**metrics, **flat_per_class}, matrix)
+    write_json(paths.PER_CLASS_METRICS, per_class)
+    write_confusion_csv(paths.CONFUSION, test.labels, results["predictions"])
+    write_json(paths.EVALUATE_METRICS, metrics)
+    log(
+        "evaluate",
+        f"test_accuracy {results['test_accuracy']:.4f} on {len(test.labels)} images; "
+        f"recorded in MLflow run {recorded_in} in {timer}",
+    )
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", __doc__, main)
