@@ -57,6 +57,9 @@ def connect(experiment_name: str) -> str:
     """Point MLflow at the tracking store and return the experiment's id, creating it if needed."""
     import mlflow
 
+    # Our default store keeps artifacts beside it; a server decides for itself. Checked before
+    # set_tracking_uri, which exports MLFLOW_TRACKING_URI.
+    artifact_location = None if "MLFLOW_TRACKING_URI" in os.environ else (repo_root() / ARTIFACTS_DIR).as_uri()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
@@ -64,9 +67,6 @@ def connect(experiment_name: str) -> str:
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is not None:
             return experiment.experiment_id
-        artifact_location = None
-        if "MLFLOW_TRACKING_URI" not in os.environ:
-            artifact_location = (repo_root() / ARTIFACTS_DIR).as_uri()
         try:
             return client.create_experiment(experiment_name, artifact_location=artifact_location)
         except mlflow.exceptions.MlflowException:
