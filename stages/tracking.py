@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,24 +58,25 @@ def connect(experiment_name: str) -> str:
     """Point MLflow at the tracking store and return the experiment's id, creating it if needed."""
     import mlflow
 
-    # Our default store keeps artifacts beside it; a server decides for itself. Checked before
-    # set_tracking_uri, which exports MLFLOW_TRACKING_URI.
-    artifact_location = None if "MLFLOW_TRACKING_URI" in os.environ else (repo_root() / ARTIFACTS_DIR).as_uri()
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    if user_uri is None:
+        # set_tracking_uri exports MLFLOW_TRACKING_URI; keep the variable meaning "the user's choice".
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    # Our default store keeps artifacts beside it; a server decides for itself.
+    artifact_location = (repo_root() / ARTIFACTS_DIR).as_uri() if user_uri is None else None
     client = mlflow.MlflowClient()
     try:
         experiment = client.get_experiment_by_name(experiment_name)
-        if experiment is not None:
-            return experiment.experiment_id
-        try:
-            return client.create_experiment(experiment_name, artifact_location=artifact_location)
-        except mlflow.exceptions.MlflowException:
-            # A parallel experiment created it first.
+        if experiment is None:
+            # Suppressed: a parallel experiment may have created it first.
+            with contextlib.suppress(mlflow.exceptions.MlflowException):
+                client.create_experiment(experiment_name, artifact_location=artifact_location)
             experiment = client.get_experiment_by_name(experiment_name)
-            if experiment is None:
-                raise
-            return experiment.experiment_id
+        for run_id in close_orphaned_runs(experiment.experiment_id):
+            print(f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED", flush=True)
+        return experiment.experiment_id
     except Exception as exc:
         raise StageError(f"MLflow tracking store {uri} is unreachable or broken: {_first_line(exc)}") from exc
 
@@ -89,12 +91,52 @@ def run_exists(run_id: str) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def recorded_run(**start_run_args: Any) -> Iterator[mlflow.ActiveRun]:
-    """`mlflow.start_run`, but the run always ends: FINISHED, FAILED, or KILLED on SIGINT/SIGTERM."""
+def _owner_tags() -> dict[str, str]:
+    """Which process holds a run open, so a later stage can tell a SIGKILLed run from a live one."""
+    return {"process.host": socket.gethostname(), "process.pid": str(os.getpid())}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs left RUNNING by stages on this host whose process is gone (SIGKILL, power loss)."""
     import mlflow
 
-    run = mlflow.start_run(**start_run_args)
+    client = mlflow.MlflowClient()
+    running = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`process.host` = '{socket.gethostname()}'",
+    )
+    orphans = [
+        run.info.run_id
+        for run in running
+        if run.data.tags.get("process.pid", "").isdigit() and not _process_alive(int(run.data.tags["process.pid"]))
+    ]
+    for run_id in orphans:
+        client.set_terminated(run_id, "KILLED")
+    return orphans
+
+
+@contextlib.contextmanager
+def recorded_run(run_id: str | None = None, **start_run_args: Any) -> Iterator[mlflow.ActiveRun]:
+    """Start a run (or reopen `run_id`) that always ends: FINISHED, FAILED, or KILLED on SIGINT/SIGTERM."""
+    import mlflow
+
+    if run_id is None:
+        run = mlflow.start_run(tags=_owner_tags(), **start_run_args)
+    else:
+        # Claim the run before it shows as RUNNING again, so close_orphaned_runs leaves it alone.
+        for key, value in _owner_tags().items():
+            mlflow.MlflowClient().set_tag(run_id, key, value)
+        run = mlflow.start_run(run_id=run_id)
     status = "FAILED"
     try:
         yield run

@@ -162,10 +162,11 @@ def main() -> None:
         with atomic_output(paths.MODEL) as temporary:
             model.save(temporary)
         write_history(paths.TRAIN_HISTORY, history)
+        final = {name: history[-1][name] for name in HISTORY_COLUMNS[1:]}
         write_json(
-            paths.TRAIN_METRICS, {**history[-1], "mlflow_run_id": run.info.run_id, "mlflow_model_uri": model_uri}
+            paths.TRAIN_METRICS,
+            {"epochs": params.epochs, **final, "mlflow_run_id": run.info.run_id, "mlflow_model_uri": model_uri},
         )
-    final = history[-1]
     log(
         "train",
         f"{params.epochs} epochs: val_accuracy {final['val_accuracy']:.4f}, val_loss {final['val_loss']:.4f}; "
