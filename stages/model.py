@@ -12,7 +12,16 @@ if TYPE_CHECKING:
 
 # One compiled call per epoch instead of one per batch: Keras' per-step Python overhead
 # dominates a model this small. Same batches, same order, same weights (see README: speed).
-STEPS_PER_EXECUTION = 1000
+TRAINING_STEPS_PER_EXECUTION = 1000
+
+
+def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer, steps_per_execution: int) -> None:
+    model.compile(
+        optimizer=optimizer,
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+    )
 
 
 def build_model(params: Params) -> keras.Model:
@@ -26,10 +35,11 @@ def build_model(params: Params) -> keras.Model:
     ]
     layers.append(keras.layers.Dense(NUM_CLASSES, activation="softmax", name="output"))
     model = keras.Sequential(layers, name="mnist_dnn")
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=params.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        steps_per_execution=STEPS_PER_EXECUTION,
-    )
+    _compile(model, keras.optimizers.Adam(learning_rate=params.learning_rate), TRAINING_STEPS_PER_EXECUTION)
     return model
+
+
+def prepare_for_inference(model: keras.Model) -> None:
+    """Recompile with one step per call (same optimizer, weights untouched) before saving: Keras'
+    progress bar miscounts when steps_per_execution exceeds the steps of a predict() call."""
+    _compile(model, model.optimizer, 1)

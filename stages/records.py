@@ -169,19 +169,25 @@ def load_examples(path: Path) -> Examples:
         "label": tf.io.FixedLenFeature([], tf.int64),
     }
 
-    def parse_batch(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def parse_batch(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         parsed = tf.io.parse_example(serialized, feature_spec)
         images = tf.io.decode_raw(parsed["image"], tf.uint8, fixed_length=IMAGE_BYTES)
-        return tf.reshape(images, (-1, *IMAGE_SHAPE)), tf.cast(parsed["label"], tf.uint8)
+        # Each record takes 16 bytes of framing besides its data: used to detect a cut-off header.
+        framed_bytes = tf.reduce_sum(tf.strings.length(serialized, unit="BYTE") + 16)
+        return tf.reshape(images, (-1, *IMAGE_SHAPE)), tf.cast(parsed["label"], tf.uint8), framed_bytes
 
     if not Path(path).is_file():
         raise StageError(f"{path}: file not found (run `dvc repro` to create it)")
     dataset = tf.data.TFRecordDataset(str(path)).batch(10_000).map(parse_batch)
     try:
-        batches = [(images.numpy(), labels.numpy()) for images, labels in dataset]
+        batches = [(images.numpy(), labels.numpy(), int(size)) for images, labels, size in dataset]
     except tf.errors.OpError as exc:
         first_line = exc.message.strip().splitlines()[0]
         raise StageError(f"{path}: not a valid TFRecord file of MNIST examples: {first_line}") from exc
     if not batches:
         raise StageError(f"{path}: contains no records")
+    # TensorFlow silently drops a last record cut off inside its 12-byte header.
+    read_bytes, file_bytes = sum(b[2] for b in batches), Path(path).stat().st_size
+    if read_bytes != file_bytes:
+        raise StageError(f"{path}: truncated: {file_bytes - read_bytes} bytes after the last complete record")
     return Examples(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))

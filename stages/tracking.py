@@ -66,8 +66,8 @@ def connect(experiment_name: str) -> str:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     # Our default store keeps artifacts beside it; a server decides for itself.
     artifact_location = (repo_root() / ARTIFACTS_DIR).as_uri() if user_uri is None else None
-    client = mlflow.MlflowClient()
     try:
+        client = mlflow.MlflowClient()
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
             # Suppressed: a parallel experiment may have created it first.

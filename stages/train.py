@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from stages import import_tensorflow, paths, tracking
 from stages.cli import Timer, log, run_stage
 from stages.mnist_data import Examples
-from stages.model import build_model
+from stages.model import build_model, prepare_for_inference
 from stages.outputs import atomic_output, write_json
 from stages.params import Params, load_params
 from stages.records import load_examples
@@ -78,6 +78,7 @@ def train(
         shuffle=False,  # the dataset shuffles, seeded
         verbose=2,
     ).history
+    prepare_for_inference(model)
     rows = [
         {"epoch": epoch + 1, **{name: float(history[name][epoch]) for name in HISTORY_COLUMNS[1:]}}
         for epoch in range(params.epochs)
@@ -113,21 +114,23 @@ def log_model(model: keras.Model, examples: Examples) -> str:
 
     example = (examples.images[:5] / 255.0).astype("float32")
     signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
-    # MLflow predicts on the input example with Keras' progress bar, which would print one garbled line.
+    # MLflow predicts on the input example with Keras' progress bar on; keep it out of the log.
     keras.utils.disable_interactive_logging()
-    info = mlflow.tensorflow.log_model(
-        model,
-        name="model",
-        signature=signature,
-        input_example=example,
-        # Given explicitly: inferring them would load the model again in a subprocess (seconds).
-        pip_requirements=[
-            f"tensorflow=={tf.__version__}",
-            f"keras=={keras.__version__}",
-            f"mlflow=={mlflow.__version__}",
-        ],
-    )
-    keras.utils.enable_interactive_logging()
+    try:
+        info = mlflow.tensorflow.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example,
+            # Given explicitly: inferring them would load the model again in a subprocess (seconds).
+            pip_requirements=[
+                f"tensorflow=={tf.__version__}",
+                f"keras=={keras.__version__}",
+                f"mlflow=={mlflow.__version__}",
+            ],
+        )
+    finally:
+        keras.utils.enable_interactive_logging()
     return info.model_uri
 
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
 
 import mlflow
 import numpy as np
@@ -10,7 +16,7 @@ import pytest
 import yaml
 
 from stages.records import read_framed
-from tests.e2e import clone_repository, run
+from tests.e2e import clone_repository, run, user_env
 
 pytestmark = pytest.mark.slow
 
@@ -120,14 +126,121 @@ def test_experiment_reruns_only_training_and_leaves_a_run_named_after_it(repo):
     assert "two-epochs" in shown and "test_accuracy" in shown
 
 
-def test_queued_experiment_lands_in_the_repository_database(repo):
-    before = {r.info.run_id for r in client(repo).search_runs(client(repo).search_experiments()[0].experiment_id)}
-    run(["dvc", "exp", "run", "--queue", "-S", "epochs=1", "-S", "hidden_layer_size=20", "-n", "queued-one"], repo)
-    run(["dvc", "exp", "run", "--run-all"], repo)
+def logged_model_of(repo, run_id):
     experiment = client(repo).get_experiment_by_name("mnist-dnn")
-    runs = [r for r in client(repo).search_runs(experiment.experiment_id) if r.info.run_id not in before]
-    assert [r.info.run_name for r in runs] == ["queued-one"]
-    assert runs[0].info.status == "FINISHED"
-    assert runs[0].data.params["hidden_layer_size"] == "20"
-    assert "test_accuracy" in runs[0].data.metrics
-    assert client(repo).list_artifacts(runs[0].info.run_id), "the queued run's artifacts are missing"
+    models = client(repo).search_logged_models([experiment.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    return models[0] if models else None
+
+
+@pytest.mark.parametrize("round_", [1, 2])
+def test_parallel_queued_experiments_all_land_complete_in_the_repository_database(repo, round_):
+    experiment = client(repo).get_experiment_by_name("mnist-dnn")
+    before = {r.info.run_id for r in client(repo).search_runs([experiment.experiment_id])}
+    names = [f"parallel-{round_}-{size}" for size in (16, 24, 32, 40)]
+    for name in names:
+        size = name.rsplit("-", 1)[1]
+        run(["dvc", "exp", "run", "--queue", "-S", "epochs=2", "-S", f"hidden_layer_size={size}", "-n", name], repo)
+    run(["dvc", "exp", "run", "--run-all", "-j", "2"], repo)
+
+    shown = run(["dvc", "exp", "show", "--json"], repo).stdout
+    assert all(name in shown for name in names)
+    runs = [r for r in client(repo).search_runs([experiment.experiment_id]) if r.info.run_id not in before]
+    assert sorted(r.info.run_name for r in runs) == sorted(names)
+    for run_ in runs:
+        assert run_.info.status == "FINISHED", run_.info.run_name
+        assert run_.data.params["hidden_layer_size"] == run_.info.run_name.rsplit("-", 1)[1]
+        assert set(run_.data.params) == set(yaml.safe_load((repo / "params.yaml").read_text()))
+        for name in METRICS:
+            assert [m.step for m in client(repo).get_metric_history(run_.info.run_id, name)] == [1, 2]
+        assert "test_accuracy" in run_.data.metrics
+        assert logged_model_of(repo, run_.info.run_id) is not None, run_.info.run_name
+        assert [a.path for a in client(repo).list_artifacts(run_.info.run_id)] == ["confusion_matrix.png"]
+
+
+def test_evaluate_rerun_on_a_run_cached_model_records_into_the_run_that_trained_it(repo):
+    run(["dvc", "exp", "run", "-S", "epochs=3", "-n", "three-epochs"], repo)
+    three_epochs_run = train_run_id(repo)
+    run(["dvc", "exp", "run", "-S", "epochs=2", "-n", "back-to-two"], repo)
+    # Same params as before: DVC restores train from its run-cache. Changing evaluate's code
+    # makes evaluate itself rerun on that restored model.
+    with (repo / "stages/evaluate.py").open("a") as file:
+        file.write("# changed\n")
+    result = run(["dvc", "exp", "run", "-S", "epochs=3", "-n", "three-again"], repo)
+    assert "Running stage 'train'" not in result.stdout
+    assert "Running stage 'evaluate'" in result.stdout
+    assert train_run_id(repo) == three_epochs_run
+    history = client(repo).get_metric_history(three_epochs_run, "test_accuracy")
+    assert len(history) == 2 and history[0].value == history[1].value
+    run(["git", "checkout", "stages/evaluate.py"], repo)
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with its own SQLite store and artifact root."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            (tmp_path / "server-artifacts").as_uri(),
+            "--workers",
+            "1",
+        ],
+        env=user_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_repro_records_a_complete_run_on_a_tracking_server(repo, tracking_server):
+    run(["dvc", "repro", "-f", "train", "evaluate"], repo, env=user_env(MLFLOW_TRACKING_URI=tracking_server))
+    remote = mlflow.MlflowClient(tracking_uri=tracking_server)
+    run_ = remote.get_run(train_run_id(repo))
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["epochs"] == str(yaml.safe_load((repo / "params.yaml").read_text())["epochs"])
+    assert "test_accuracy" in run_.data.metrics
+    assert [a.path for a in remote.list_artifacts(run_.info.run_id)] == ["confusion_matrix.png"]
+    mlflow.set_tracking_uri(tracking_server)
+    model_uri = json.loads((repo / "metrics/train.json").read_text())["mlflow_model_uri"]
+    predictions = mlflow.pyfunc.load_model(model_uri).predict(np.zeros((2, 28, 28, 1), np.float32))
+    assert predictions.shape == (2, 10)
+
+
+def test_a_tracking_server_that_is_down_fails_fast_in_one_line_and_leaves_no_output(repo):
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = run(["dvc", "repro", "-f", "train"], repo, env=user_env(MLFLOW_TRACKING_URI=uri), check=False)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 30
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train: error:")]
+    assert len(errors) == 1 and uri in errors[0]
+    assert not (repo / "models/model.keras").exists()
+    assert not (repo / "metrics/train.json").exists()

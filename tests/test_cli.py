@@ -1,0 +1,76 @@
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from stages.cli import StageError, Terminated, run_stage
+
+
+@pytest.fixture(autouse=True)
+def restore_sigterm_handler():
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def fail_with(exception):
+    def main():
+        raise exception
+
+    return main
+
+
+@pytest.mark.parametrize(
+    "exception, code, message",
+    [
+        (StageError("data/x: cannot read"), 1, "demo: error: data/x: cannot read"),
+        (KeyboardInterrupt(), 130, "demo: interrupted (SIGINT); no output was written"),
+        (Terminated("SIGTERM"), 143, "demo: terminated (SIGTERM); no output was written"),
+    ],
+)
+def test_expected_failures_become_one_line_and_an_exit_code(capsys, exception, code, message):
+    with pytest.raises(SystemExit) as exit_:
+        run_stage("demo", "a demo stage", fail_with(exception), argv=[])
+    assert exit_.value.code == code
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_success_runs_main_once_and_does_not_exit():
+    calls = []
+    run_stage("demo", "a demo stage", lambda: calls.append(1), argv=[])
+    assert calls == [1]
+
+
+def test_a_bug_keeps_its_traceback():
+    with pytest.raises(ZeroDivisionError):
+        run_stage("demo", "a demo stage", lambda: 1 / 0, argv=[])
+
+
+def test_unknown_argument_is_rejected_before_main_runs(capsys):
+    calls = []
+    with pytest.raises(SystemExit) as exit_:
+        run_stage("demo", "a demo stage", lambda: calls.append(1), argv=["--epochs", "3"])
+    assert exit_.value.code == 2 and calls == []
+    assert "unrecognized arguments: --epochs 3" in capsys.readouterr().err
+
+
+def test_sigterm_during_a_stage_exits_143(tmp_path, stage_env):
+    script = (
+        "import os, signal, time\n"
+        "from stages.cli import run_stage\n"
+        "def main():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "run_stage('demo', 'a demo stage', main, [])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=stage_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 143
+    assert result.stderr == "demo: terminated (SIGTERM); no output was written\n"

@@ -1,0 +1,183 @@
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.cli import StageError
+from stages.params import Params, load_params, parse_params
+
+REAL_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def test_real_params_file_is_valid_and_typed():
+    params = load_params(REAL_PARAMS)
+    assert isinstance(params.validation_fraction, float) and isinstance(params.learning_rate, float)
+    assert isinstance(params.epochs, int)
+
+
+def test_dataclass_defaults_pass_validation():
+    assert parse_params(Params().as_dict()) == Params()
+
+
+def test_as_dict_has_every_key_of_params_yaml(raw_params):
+    assert parse_params(raw_params).as_dict() == raw_params
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("source", "csv"),
+        ("source", None),
+        ("tfds_data_dir", ""),
+        ("tfds_data_dir", 5),
+        ("seed", -1),
+        ("seed", 2**31),
+        ("seed", 1.5),
+        ("validation_fraction", 0),
+        ("validation_fraction", 1),
+        ("validation_fraction", 1.5),
+        ("validation_fraction", "0.1"),
+        ("validation_fraction", math.nan),
+        ("shuffle_buffer", 0),
+        ("batch_size", 0),
+        ("batch_size", -1),
+        ("batch_size", 100.0),
+        ("epochs", 0),
+        ("epochs", True),
+        ("epochs", "5"),
+        ("hidden_layers", -1),
+        ("hidden_layers", False),
+        ("hidden_layer_size", 0),
+        ("learning_rate", 0),
+        ("learning_rate", -0.001),
+        ("learning_rate", math.inf),
+        ("learning_rate", True),
+        ("mlflow_experiment", ""),
+        ("mlflow_experiment", "   "),
+        ("mlflow_experiment", 3),
+    ],
+)
+def test_invalid_value_is_one_line_naming_key_and_value(raw_params, key, value):
+    raw_params[key] = value
+    with pytest.raises(StageError) as error:
+        parse_params(raw_params, "my.yaml")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("my.yaml: ")
+    assert key in message
+    assert repr(value) in message
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("seed", 0),
+        ("seed", 2**31 - 1),
+        ("hidden_layers", 0),
+        ("tfds_data_dir", "/data/tfds"),
+        ("source", "tfds"),
+        ("validation_fraction", 0.5),
+        ("epochs", 1),
+    ],
+)
+def test_boundary_values_are_accepted(raw_params, key, value):
+    raw_params[key] = value
+    assert getattr(parse_params(raw_params), key) == value
+
+
+def test_integer_learning_rate_becomes_float(raw_params):
+    raw_params["learning_rate"] = 1
+    params = parse_params(raw_params)
+    assert params.learning_rate == 1.0
+    assert isinstance(params.learning_rate, float)
+
+
+def test_unknown_key_suggests_the_close_one(raw_params):
+    raw_params["epoch"] = raw_params.pop("epochs")
+    with pytest.raises(StageError, match=r"unknown key 'epoch' \(did you mean 'epochs'\?\)"):
+        parse_params(raw_params)
+
+
+def test_unknown_key_without_close_match_has_no_suggestion(raw_params):
+    raw_params["zzzz"] = 1
+    with pytest.raises(StageError, match="unknown key 'zzzz'") as error:
+        parse_params(raw_params)
+    assert "did you mean" not in str(error.value)
+
+
+def test_missing_key_is_named(raw_params):
+    del raw_params["seed"]
+    with pytest.raises(StageError, match="missing key 'seed'"):
+        parse_params(raw_params)
+
+
+@pytest.mark.parametrize("text", ["", "- 1\n- 2\n", "just a string\n"])
+def test_yaml_that_is_not_a_mapping_is_rejected(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(StageError, match="expected a mapping"):
+        load_params(path)
+
+
+def test_invalid_yaml_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("epochs: [1, 2\nseed: 3\n")
+    with pytest.raises(StageError, match="not valid YAML") as error:
+        load_params(path)
+    assert str(path) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(StageError, match="cannot read parameters") as error:
+        load_params(path)
+    assert str(path) in str(error.value)
+
+
+def test_load_params_reads_changed_values(tmp_path, raw_params):
+    raw_params.update(epochs=7, learning_rate=0.5)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw_params))
+    params = load_params(path)
+    assert (params.epochs, params.learning_rate) == (7, 0.5)
+
+
+def imported_modules(importtime_stderr: str) -> set[str]:
+    """Module names from `python -X importtime` output."""
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in importtime_stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+def is_heavy(module: str) -> bool:
+    return module.split(".")[0] in ("tensorflow", "keras")
+
+
+@pytest.mark.parametrize("stage", ["prepare", "split", "train", "evaluate"])
+def test_bad_param_fails_in_one_line_before_importing_tensorflow(tmp_path, raw_params, run_stage_in, stage):
+    raw_params["epochs"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    result = run_stage_in(stage, tmp_path, python_args=("-X", "importtime"))
+    assert result.returncode == 1
+    modules = imported_modules(result.stderr)
+    assert "stages.params" in modules  # the importtime output was parsed
+    assert not [m for m in modules if is_heavy(m)]
+    message = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert len(message) == 1
+    assert message[0].startswith(f"{stage}: error: params.yaml: epochs")
+    assert "got 0" in message[0]
+    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]  # nothing written
+
+
+@pytest.mark.parametrize("stage", ["prepare", "split", "train", "evaluate"])
+def test_help_exits_0_without_importing_tensorflow(tmp_path, run_stage_in, stage):
+    result = run_stage_in(stage, tmp_path, "--help", python_args=("-X", "importtime"))
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"usage: python -m stages.{stage}")
+    modules = imported_modules(result.stderr)
+    assert "stages.cli" in modules
+    assert not [m for m in modules if is_heavy(m)]

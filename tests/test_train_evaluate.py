@@ -1,0 +1,321 @@
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from stages import evaluate, paths, tracking
+from stages.cli import StageError, Terminated
+from stages.model import build_model
+from stages.params import Params
+from stages.records import write_examples
+from stages.train import HISTORY_COLUMNS, train
+
+REAL_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+# Small and quick, with a learning rate high enough to learn the synthetic bands in two epochs.
+SMALL = Params(epochs=2, hidden_layer_size=16, batch_size=32, shuffle_buffer=300, learning_rate=0.01, seed=1)
+
+
+@pytest.fixture(scope="module")
+def data(make_examples):
+    return make_examples(300, seed=1), make_examples(100, seed=2)
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    return train(SMALL, *data)
+
+
+def weights_equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights(), strict=True))
+
+
+@pytest.mark.parametrize("hidden_layers, parameters", [(2, 784 * 50 + 50 + 50 * 50 + 50 + 50 * 10 + 10), (0, 7850)])
+def test_build_model_has_the_notebooks_architecture(hidden_layers, parameters):
+    model = build_model(Params(hidden_layers=hidden_layers, hidden_layer_size=50, learning_rate=0.005))
+    dense = [layer for layer in model.layers if layer.__class__.__name__ == "Dense"]
+    assert len(dense) == hidden_layers + 1
+    assert [layer.units for layer in dense] == [50] * hidden_layers + [10]
+    assert model.count_params() == parameters
+    assert model.input_shape == (None, 28, 28, 1)
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.005)
+    probabilities = model.predict(np.random.default_rng(0).random((3, 28, 28, 1)), verbose=0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_train_returns_one_row_per_epoch_and_learns(trained):
+    _, history = trained
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert all(list(row) == list(HISTORY_COLUMNS) for row in history)
+    assert all(0.0 <= row[name] <= 1.0 for row in history for name in ("accuracy", "val_accuracy"))
+    assert history[1]["loss"] < history[0]["loss"]
+    assert history[1]["val_accuracy"] > 0.5  # chance is 0.1: images and labels stay paired
+
+
+def test_validation_metrics_are_those_of_the_final_model_on_the_validation_set(trained, data):
+    model, history = trained
+    results = evaluate.evaluate(model, data[1])
+    assert results["test_loss"] == pytest.approx(history[-1]["val_loss"], rel=1e-5)
+    assert results["test_accuracy"] == pytest.approx(history[-1]["val_accuracy"])
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not(trained, data):
+    again, history = train(SMALL, *data)
+    assert weights_equal(again, trained[0])
+    assert history == trained[1]
+    other, _ = train(Params(**{**SMALL.as_dict(), "seed": 2}), *data)
+    assert not weights_equal(other, trained[0])
+
+
+def test_evaluate_accuracy_is_the_share_of_correct_argmax_predictions(trained, data):
+    model, _ = trained
+    validation = data[1]
+    results = evaluate.evaluate(model, validation)
+    expected = np.argmax(model.predict(validation.images.astype(np.float32) / 255.0, verbose=0), axis=1)
+    np.testing.assert_array_equal(results["predictions"], expected)
+    assert results["test_accuracy"] == pytest.approx(np.mean(expected == validation.labels))
+
+
+def test_confusion_matrix_and_per_class_metrics_by_hand():
+    labels = np.array([0, 0, 1, 2, 2, 2, 3])
+    predictions = np.array([0, 1, 1, 2, 2, 0, 2])
+    matrix = evaluate.confusion_matrix(labels, predictions)
+    assert matrix.shape == (10, 10) and matrix.sum() == 7
+    assert (matrix[0, 0], matrix[0, 1], matrix[1, 1], matrix[2, 2], matrix[2, 0], matrix[3, 2]) == (1, 1, 1, 2, 1, 1)
+    metrics = evaluate.per_class_metrics(matrix)
+    assert metrics["0"] == {"precision": 0.5, "recall": 0.5}
+    assert metrics["1"] == {"precision": 0.5, "recall": 1.0}
+    assert metrics["2"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3})
+    assert metrics["3"] == {"precision": 0.0, "recall": 0.0}  # present, never predicted
+    assert metrics["9"] == {"precision": 0.0, "recall": 0.0}  # absent
+    assert list(metrics) == [str(d) for d in range(10)]
+
+
+def test_load_model_errors_name_the_file(tmp_path):
+    with pytest.raises(StageError, match="file not found"):
+        evaluate.load_model(tmp_path / "absent.keras")
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(StageError, match="not a loadable Keras model") as error:
+        evaluate.load_model(broken)
+    assert str(broken) in str(error.value) and "\n" not in str(error.value)
+
+
+# --- MLflow, in this process, on a temporary SQLite store ---
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def mlflow_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture
+def experiment(mlflow_root, monkeypatch):
+    """Connect to mlflow_root/mlflow.db as a stage does; (experiment id, client). Resets MLflow's global URI."""
+    import mlflow
+
+    monkeypatch.chdir(mlflow_root)  # nothing MLflow writes may land in the repository
+    monkeypatch.setenv("DVC_ROOT", str(mlflow_root))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    yield tracking.connect("tests"), mlflow.MlflowClient(f"sqlite:///{mlflow_root}/mlflow.db")
+    mlflow.set_tracking_uri(None)
+
+
+def test_connect_reuses_the_experiment_and_keeps_artifacts_beside_the_database(experiment, mlflow_root):
+    experiment_id, client = experiment
+    assert tracking.connect("tests") == experiment_id
+    assert client.get_experiment(experiment_id).name == "tests"
+    assert client.get_experiment(experiment_id).artifact_location == (mlflow_root / "mlartifacts").as_uri()
+
+
+def test_connect_to_a_broken_store_is_one_line(stage_root):
+    import mlflow
+
+    (stage_root / "mlflow.db").write_text("not a database")
+    try:
+        with pytest.raises(StageError, match="unreachable or broken") as error:
+            tracking.connect("tests")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "exception, status",
+    [
+        (None, "FINISHED"),
+        (RuntimeError("bug"), "FAILED"),
+        (StageError("bad input"), "FAILED"),
+        (Terminated("SIGTERM"), "KILLED"),
+        (KeyboardInterrupt(), "KILLED"),
+    ],
+)
+def test_recorded_run_always_ends_with_the_matching_status(experiment, exception, status):
+    import mlflow
+
+    experiment_id, client = experiment
+    started = []
+
+    def stage():
+        with tracking.recorded_run(experiment_id=experiment_id) as run:
+            started.append(run.info.run_id)
+            mlflow.log_metrics({"loss": 0.5}, step=1, synchronous=False)
+            if exception is not None:
+                raise exception
+
+    if exception is None:
+        stage()
+    else:
+        with pytest.raises(type(exception)):
+            stage()
+    [run_id] = started
+    assert mlflow.active_run() is None
+    assert client.get_run(run_id).info.status == status
+    if exception is None:  # async logging flushed before the run is marked finished
+        assert [m.value for m in client.get_metric_history(run_id, "loss")] == [0.5]
+
+
+def test_evaluation_is_recorded_in_the_training_run(experiment):
+    experiment_id, client = experiment
+    with tracking.recorded_run(experiment_id=experiment_id) as training:
+        pass
+    matrix = evaluate.confusion_matrix(np.array([1, 2]), np.array([1, 1]))
+    recorded = evaluate.record(training.info.run_id, experiment_id, {}, {"test_accuracy": 0.5}, matrix)
+    assert recorded == training.info.run_id
+    run = client.get_run(recorded)
+    assert run.data.metrics["test_accuracy"] == 0.5
+    assert run.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(recorded)] == ["confusion_matrix.png"]
+
+
+def test_evaluation_of_a_model_from_another_store_gets_its_own_run(experiment, monkeypatch):
+    experiment_id, client = experiment
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
+    missing = "0" * 32
+    matrix = evaluate.confusion_matrix(np.array([3]), np.array([3]))
+    recorded = evaluate.record(missing, experiment_id, {"epochs": 3}, {"test_accuracy": 1.0}, matrix)
+    run = client.get_run(recorded)
+    assert recorded != missing
+    assert run.info.run_name == "exp-a-evaluate"
+    assert run.data.tags["model.trained_in_run"] == missing
+    assert run.data.params == {"epochs": "3"}
+    assert run.data.metrics["test_accuracy"] == 1.0
+
+
+# --- The train and evaluate stages end to end on synthetic records, with MLflow ---
+# As subprocesses (`python -m stages.train`), as DVC runs them: this covers the entry point, run_stage,
+# the MLflow location derived from DVC_ROOT, and keeps MLflow's process-wide state (tracking URI,
+# active run, async logging threads) and TensorFlow's global seed out of this process.
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, make_examples, run_stage_in):
+    root = tmp_path_factory.mktemp("repo")
+    params = {**yaml.safe_load(REAL_PARAMS.read_text()), "epochs": 2, "hidden_layer_size": 8, "shuffle_buffer": 300}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    test = make_examples(120, seed=3)
+    for path, examples in (
+        (paths.SPLIT_TRAIN, make_examples(300, seed=1)),
+        (paths.SPLIT_VALIDATION, make_examples(100, seed=2)),
+        (paths.PREPARED_TEST, test),
+    ):
+        write_examples(root / path, examples)
+    results = {stage: run_stage_in(stage, root) for stage in ("train", "evaluate")}
+    for stage, result in results.items():
+        assert result.returncode == 0, f"{stage} failed:\n{result.stdout}\n{result.stderr}"
+    return root, params, test, results
+
+
+@pytest.fixture
+def pipeline_mlflow(pipeline, monkeypatch):
+    """(root, params, test examples, client, training run) with this process pointed at the pipeline's store."""
+    import mlflow
+
+    root, params, test, _ = pipeline
+    uri = f"sqlite:///{root}/mlflow.db"
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    yield root, params, test, client, client.get_run(read_json(root / paths.TRAIN_METRICS)["mlflow_run_id"])
+    mlflow.set_tracking_uri(None)
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def read_csv(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_stages_write_their_outputs(pipeline):
+    root, _, test, results = pipeline
+    assert (root / paths.MODEL).is_file()
+    history = read_csv(root / paths.TRAIN_HISTORY)
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert list(history[0]) == list(HISTORY_COLUMNS)
+    train_metrics = read_json(root / paths.TRAIN_METRICS)
+    assert train_metrics["val_accuracy"] == float(history[-1]["val_accuracy"])
+    confusion = read_csv(root / paths.CONFUSION)
+    assert [int(row["actual"]) for row in confusion] == test.labels.tolist()
+    correct = np.mean([row["actual"] == row["predicted"] for row in confusion])
+    assert read_json(root / paths.EVALUATE_METRICS)["test_accuracy"] == pytest.approx(correct)
+    assert list(read_json(root / paths.PER_CLASS_METRICS)) == [str(d) for d in range(10)]
+    assert "Test accuracy:" in results["evaluate"].stdout
+    assert not list(root.rglob(".*.tmp-*"))
+
+
+def test_training_run_records_params_metrics_tags_and_artifacts(pipeline_mlflow):
+    root, params, _, client, run = pipeline_mlflow
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == params["mlflow_experiment"]
+    assert run.data.params == {key: str(value) for key, value in params.items()}
+
+    history = read_csv(root / paths.TRAIN_HISTORY)
+    for name in HISTORY_COLUMNS[1:]:
+        logged = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in logged] == [1, 2]
+        assert [m.value for m in logged] == pytest.approx([float(row[name]) for row in history])
+
+    evaluation = read_json(root / paths.EVALUATE_METRICS)
+    assert run.data.metrics["test_accuracy"] == pytest.approx(evaluation["test_accuracy"])
+    assert run.data.metrics["test_loss"] == pytest.approx(evaluation["test_loss"])
+    assert {f"test_{m}_{d}" for m in ("precision", "recall") for d in range(10)} <= set(run.data.metrics)
+
+    assert {"git.commit", "dvc.experiment", "data.train.md5", "data.validation.md5"} <= set(run.data.tags)
+    assert run.data.tags["data.train.md5"] == hashlib.md5((root / paths.SPLIT_TRAIN).read_bytes()).hexdigest()
+
+    assert "confusion_matrix.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    # The default store keeps artifacts beside the database, not in ./mlruns of the working directory.
+    assert run.info.artifact_uri.startswith((root / tracking.ARTIFACTS_DIR).as_uri())
+    assert list((root / tracking.ARTIFACTS_DIR).rglob("confusion_matrix.png"))
+
+
+def test_logged_mlflow_model_predicts_like_the_saved_keras_model(pipeline_mlflow):
+    import keras
+    import mlflow
+
+    root, _, test, _, _ = pipeline_mlflow
+    inputs = test.images[:20].astype(np.float32) / 255.0
+    logged = mlflow.pyfunc.load_model(read_json(root / paths.TRAIN_METRICS)["mlflow_model_uri"])
+    saved = keras.models.load_model(root / paths.MODEL)
+    np.testing.assert_allclose(np.asarray(logged.predict(inputs)), saved.predict(inputs, verbose=0), rtol=1e-5)
+
+
+def test_evaluate_without_a_training_run_fails_in_one_line(tmp_path, run_stage_in):
+    (tmp_path / "params.yaml").write_text(REAL_PARAMS.read_text())
+    result = run_stage_in("evaluate", tmp_path)
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("evaluate: error: metrics/train.json: cannot read the training run's mlflow_run_id")
