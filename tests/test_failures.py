@@ -1,0 +1,153 @@
+"""Stages fail cleanly: bad data gives one line and no output; killed training leaves no half-written
+output and no MLflow run stuck in RUNNING."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import yaml
+
+from stages import paths
+from stages.records import write_examples
+from tests.conftest import REAL_PARAMS, clean_env
+
+RAW = REAL_PARAMS.parent / "data/raw/mnist"
+
+
+def outputs_left(root) -> list[str]:
+    """Every file a stage may have written (or left half-written) under root."""
+    return sorted(
+        str(path.relative_to(root))
+        for folder in ("data/prepared", "models", "metrics")
+        if (root / folder).exists()
+        for path in (root / folder).rglob("*")
+    )
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if ": error: " in line]
+
+
+def runs(root) -> list:
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_prepare_with_a_tampered_raw_file_names_it_and_writes_nothing(stage_root, run_stage_in):
+    shutil.copytree(RAW, stage_root / "data/raw/mnist")
+    labels = stage_root / "data/raw/mnist/t10k-labels-idx1-ubyte.gz"
+    content = bytearray(gzip.decompress(labels.read_bytes()))
+    content[100] ^= 0x01
+    labels.write_bytes(gzip.compress(bytes(content)))
+
+    result = run_stage_in("prepare", stage_root)
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert "t10k-labels-idx1-ubyte.gz: SHA-256 mismatch" in line and "expected ff7bcfd4" in line
+    assert outputs_left(stage_root) == []
+
+
+def test_prepare_with_a_truncated_raw_file_names_it_and_writes_nothing(stage_root, run_stage_in):
+    shutil.copytree(RAW, stage_root / "data/raw/mnist")
+    images = stage_root / "data/raw/mnist/train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:100_000])
+
+    result = run_stage_in("prepare", stage_root)
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert "train-images-idx3-ubyte.gz: cannot decompress or read" in line
+    assert outputs_left(stage_root) == []
+
+
+@pytest.fixture
+def split_data(stage_root, make_examples):
+    for path, examples in (
+        (paths.SPLIT_TRAIN, make_examples(300, seed=1)),
+        (paths.SPLIT_VALIDATION, make_examples(100, seed=2)),
+        (paths.PREPARED_TEST, make_examples(100, seed=3)),
+    ):
+        write_examples(stage_root / path, examples)
+    return stage_root
+
+
+def test_train_on_a_truncated_tfrecord_names_it_and_records_no_run(split_data, run_stage_in):
+    train = split_data / paths.SPLIT_TRAIN
+    train.write_bytes(train.read_bytes()[:-300])
+
+    result = run_stage_in("train", split_data)
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert str(paths.SPLIT_TRAIN) in line and "truncated" in line
+    assert outputs_left(split_data) == ["data/prepared/test.tfrecord"]
+    assert runs(split_data) == []
+
+
+def test_evaluate_with_a_file_that_is_not_a_keras_model_names_it_and_writes_nothing(split_data, run_stage_in):
+    (split_data / "models").mkdir()
+    (split_data / paths.MODEL).write_bytes(b"not a model")
+    (split_data / "metrics").mkdir()
+    (split_data / paths.TRAIN_METRICS).write_text(json.dumps({"mlflow_run_id": "0" * 32}))
+
+    result = run_stage_in("evaluate", split_data)
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert f"{paths.MODEL}: not a loadable Keras model" in line
+    assert outputs_left(split_data) == ["data/prepared/test.tfrecord", "metrics/train.json", "models/model.keras"]
+
+
+def start_long_training(root) -> subprocess.Popen:
+    """`python -m stages.train` with thousands of short epochs, returned once its third epoch began."""
+    params = {**yaml.safe_load(REAL_PARAMS.read_text()), "epochs": 100_000, "batch_size": 10, "hidden_layer_size": 8}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stages.train"],
+        cwd=root,
+        env={**clean_env(root), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in process.stdout:
+        if line.startswith("Epoch 3/"):
+            return process
+    raise AssertionError(f"training ended before its third epoch:\n{process.stderr.read()}")
+
+
+def test_sigterm_mid_training_ends_the_run_killed_and_writes_nothing(split_data):
+    process = start_long_training(split_data)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 143
+    assert "train: terminated (SIGTERM); no output was written" in stderr
+    [run] = runs(split_data)
+    assert run.info.status == "KILLED"
+    assert outputs_left(split_data) == ["data/prepared/test.tfrecord"]
+
+
+def test_sigkill_mid_training_leaves_no_output_and_the_next_run_closes_the_orphan(split_data, run_stage_in):
+    process = start_long_training(split_data)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    [orphan] = runs(split_data)
+    assert orphan.info.status == "RUNNING"  # nothing can run on SIGKILL
+    assert outputs_left(split_data) == ["data/prepared/test.tfrecord"]
+
+    params = {**yaml.safe_load((split_data / "params.yaml").read_text()), "epochs": 1}
+    (split_data / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_stage_in("train", split_data)
+    assert result.returncode == 0, result.stderr
+    assert f"MLflow run {orphan.info.run_id} was left RUNNING by a killed stage; marked it KILLED" in result.stdout
+    statuses = {run.info.run_id: run.info.status for run in runs(split_data)}
+    assert statuses.pop(orphan.info.run_id) == "KILLED"
+    assert list(statuses.values()) == ["FINISHED"]
+    assert json.loads((split_data / paths.TRAIN_METRICS).read_text())["epochs"] == 1
+    assert not [name for name in os.listdir(split_data / "models") if ".tmp-" in name]
