@@ -1,9 +1,11 @@
 import gzip
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from stages.cli import StageError
 from stages.mnist_data import (
@@ -182,3 +184,17 @@ def test_tfds_source_gives_the_same_layout():
         assert examples.labels.shape == (12,)
         assert examples.labels.max() <= 9
     assert dataset.sha256 == {}
+
+
+def test_prepare_stage_with_the_tfds_source_writes_records(stage_root, raw_params):
+    import tensorflow_datasets as tfds
+
+    from stages import paths, prepare
+    from stages.records import read_framed
+
+    (stage_root / "params.yaml").write_text(yaml.safe_dump({**raw_params, "source": "tfds"}))
+    with tfds.testing.mock_data(num_examples=12):
+        prepare.main()
+    assert len(read_framed(paths.PREPARED_TRAIN)) == 12 and len(read_framed(paths.PREPARED_TEST)) == 12
+    summary = json.loads(paths.PREPARED_SUMMARY.read_text())
+    assert summary["source"] == "tfds" and summary["train"]["count"] == 12

@@ -140,7 +140,7 @@ def test_parallel_queued_experiments_all_land_complete_in_the_repository_databas
     for name in names:
         size = name.rsplit("-", 1)[1]
         run(["dvc", "exp", "run", "--queue", "-S", "epochs=2", "-S", f"hidden_layer_size={size}", "-n", name], repo)
-    run(["dvc", "exp", "run", "--run-all", "-j", "2"], repo)
+    run(["dvc", "exp", "run", "--run-all", "-j", "4"], repo)
 
     shown = run(["dvc", "exp", "show", "--json"], repo).stdout
     assert all(name in shown for name in names)
