@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 
@@ -19,8 +20,44 @@ class Terminated(BaseException):
     """Raised in the main thread when the process receives SIGTERM, so cleanup code runs."""
 
 
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated(signal.Signals(signum).name)
+_held_signal: int | None = None  # a signal received inside signals_held(), raised when it ends
+_holding = False
+
+
+def _raise_for(signum: int) -> None:
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signal.Signals(signum).name)
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    global _held_signal
+    if _holding:
+        _held_signal = signum
+    else:
+        _raise_for(signum)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while TensorFlow runs, then raise them when the block ends.
+
+    An exception raised inside TensorFlow's Python wrappers (where a signal handler would raise
+    it) can corrupt its state: seen here as heap corruption on SIGTERM mid-epoch. Long loops
+    poll `stop_requested()` to end early.
+    """
+    global _holding, _held_signal
+    _holding = True
+    try:
+        yield
+    finally:
+        _holding = False
+    if _held_signal is not None:
+        signum, _held_signal = _held_signal, None
+        _raise_for(signum)
+
+
+def stop_requested() -> bool:
+    """Whether a signal is being held by signals_held()."""
+    return _held_signal is not None
 
 
 def log(stage: str, message: str) -> None:
@@ -45,7 +82,8 @@ def run_stage(name: str, description: str, main: Callable[[], None], argv: list[
     MLflow run ended.
     """
     argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description).parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         main()
         sys.stdout.flush()

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages import import_tensorflow, paths, tracking
-from stages.cli import StageError, Timer, log, run_stage
+from stages.cli import StageError, Timer, log, run_stage, signals_held
 from stages.mnist_data import NUM_CLASSES, Examples
 from stages.outputs import atomic_output, write_json
 from stages.params import load_params
@@ -122,7 +122,7 @@ def record(
     with tracking.recorded_run(**start) as run, tempfile.TemporaryDirectory() as folder:
         if "experiment_id" in start:
             mlflow.log_params(params)
-            mlflow.set_tags({"model.trained_in_run": run_id, "dvc.experiment": tracking.run_name()})
+            mlflow.set_tags({"model.trained_in_run": run_id, **tracking.source_tags()})
         mlflow.log_metrics(metrics)
         figure = Path(folder) / "confusion_matrix.png"
         confusion_figure(matrix, figure)
@@ -136,9 +136,10 @@ def main() -> None:
     run_id = training_run_id()
     experiment_id = tracking.connect(params.mlflow_experiment)
     import_tensorflow()
-    model = load_model(paths.MODEL)
-    test = load_examples(paths.PREPARED_TEST)
-    results = evaluate(model, test)
+    with signals_held():
+        model = load_model(paths.MODEL)
+        test = load_examples(paths.PREPARED_TEST)
+        results = evaluate(model, test)
     matrix = confusion_matrix(test.labels, results["predictions"])
     per_class = per_class_metrics(matrix)
     print(format_report(results, per_class, matrix), flush=True)

@@ -39,9 +39,22 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / DATABASE}?timeout=60"
 
 
+def dvc_experiment() -> str | None:
+    """The name of the DVC experiment running this stage (`dvc exp run`), if any."""
+    return os.environ.get("DVC_EXP_NAME") or None
+
+
 def run_name() -> str:
     """The DVC experiment's name when DVC runs one, else a readable time stamp."""
-    return os.environ.get("DVC_EXP_NAME") or f"repro-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    return dvc_experiment() or f"repro-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def source_tags() -> dict[str, str]:
+    """Where a run came from: the git commit, and the DVC experiment when there is one."""
+    tags = {"git.commit": git_commit() or "unknown"}
+    if dvc_experiment():
+        tags["dvc.experiment"] = dvc_experiment()
+    return tags
 
 
 def git_commit() -> str | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages import import_tensorflow, paths, tracking
-from stages.cli import Timer, log, run_stage
+from stages.cli import Timer, log, run_stage, signals_held, stop_requested
 from stages.mnist_data import Examples
 from stages.model import build_model, prepare_for_inference
 from stages.outputs import atomic_output, write_json
@@ -72,20 +72,25 @@ def train(
     params: Params, train_examples: Examples, validation_examples: Examples, callbacks: list[Any] = ()
 ) -> tuple[keras.Model, list[dict[str, float]]]:
     """Seed, build and fit the model; return it with one row of metrics per epoch (epoch counts from 1)."""
+    import keras
+
     seed_everything(params.seed)
     model = build_model(params)
+    stop_on_signal = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", model.stop_training or stop_requested())
+    )
     history = model.fit(
         training_dataset(train_examples, params),
         epochs=params.epochs,
         validation_data=evaluation_dataset(validation_examples),
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, stop_on_signal],
         shuffle=False,  # the dataset shuffles, seeded
         verbose=2,
     ).history
     prepare_for_inference(model)
     rows = [
         {"epoch": epoch + 1, **{name: float(history[name][epoch]) for name in HISTORY_COLUMNS[1:]}}
-        for epoch in range(params.epochs)
+        for epoch in range(len(history["loss"]))  # fewer than params.epochs if a signal stopped it
     ]
     return model, rows
 
@@ -146,8 +151,9 @@ def main() -> None:
     import keras
     import mlflow
 
-    train_examples = load_examples(paths.SPLIT_TRAIN)
-    validation_examples = load_examples(paths.SPLIT_VALIDATION)
+    with signals_held():
+        train_examples = load_examples(paths.SPLIT_TRAIN)
+        validation_examples = load_examples(paths.SPLIT_VALIDATION)
     log(
         "train",
         f"{len(train_examples.labels)} train / {len(validation_examples.labels)} validation records loaded in {timer}",
@@ -156,18 +162,19 @@ def main() -> None:
         mlflow.log_params(params.as_dict())
         mlflow.set_tags(
             {
-                "git.commit": tracking.git_commit() or "unknown",
-                "dvc.experiment": tracking.run_name(),
+                **tracking.source_tags(),
                 "data.train.md5": md5(paths.SPLIT_TRAIN),
                 "data.validation.md5": md5(paths.SPLIT_VALIDATION),
             }
         )
-        model, history = train(
-            params, train_examples, validation_examples, [keras.callbacks.LambdaCallback(on_epoch_end=log_epoch)]
-        )
-        model_uri = log_model(model, validation_examples)
-        with atomic_output(paths.MODEL) as temporary:
-            model.save(temporary)
+        with signals_held():  # a signal stops training at the end of the epoch, then is raised
+            model, history = train(
+                params, train_examples, validation_examples, [keras.callbacks.LambdaCallback(on_epoch_end=log_epoch)]
+            )
+        with signals_held():
+            model_uri = log_model(model, validation_examples)
+            with atomic_output(paths.MODEL) as temporary:
+                model.save(temporary)
         write_history(paths.TRAIN_HISTORY, history)
         final = {name: history[-1][name] for name in HISTORY_COLUMNS[1:]}
         write_json(

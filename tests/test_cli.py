@@ -80,3 +80,27 @@ def test_sigterm_during_a_stage_exits_143(tmp_path, stage_env):
     )
     assert result.returncode == 143
     assert result.stderr == "demo: terminated (SIGTERM); no output was written\n"
+
+
+def test_a_signal_inside_signals_held_is_raised_when_the_block_ends(tmp_path, stage_env):
+    script = (
+        "import os, signal\n"
+        "from stages.cli import run_stage, signals_held, stop_requested\n"
+        "def main():\n"
+        "    with signals_held():\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        print('held, stop requested:', stop_requested(), flush=True)\n"
+        "    print('not reached')\n"
+        "run_stage('demo', 'a demo stage', main, [])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=stage_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 143
+    assert result.stdout == "held, stop requested: True\n"
+    assert result.stderr == "demo: terminated (SIGTERM); no output was written\n"

@@ -110,7 +110,7 @@ def start_long_training(root) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-m", "stages.train"],
         cwd=root,
-        env={**clean_env(root), "PYTHONUNBUFFERED": "1"},
+        env={**clean_env(root), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -126,7 +126,7 @@ def test_sigterm_mid_training_ends_the_run_killed_and_writes_nothing(split_data)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
 
-    assert process.returncode == 143
+    assert process.returncode == 143, stderr[-2000:]
     assert "train: terminated (SIGTERM); no output was written" in stderr
     [run] = runs(split_data)
     assert run.info.status == "KILLED"

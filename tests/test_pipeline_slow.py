@@ -118,6 +118,7 @@ def test_experiment_reruns_only_training_and_leaves_a_run_named_after_it(repo):
 
     run_ = client(repo).get_run(train_run_id(repo))
     assert run_.info.run_name == "two-epochs"
+    assert run_.data.tags["dvc.experiment"] == "two-epochs"
     assert run_.info.status == "FINISHED"
     assert len(client(repo).get_metric_history(run_.info.run_id, "val_accuracy")) == 2
     assert "test_accuracy" in run_.data.metrics
@@ -136,7 +137,8 @@ def logged_model_of(repo, run_id):
 def test_parallel_queued_experiments_all_land_complete_in_the_repository_database(repo, round_):
     experiment = client(repo).get_experiment_by_name("mnist-dnn")
     before = {r.info.run_id for r in client(repo).search_runs([experiment.experiment_id])}
-    names = [f"parallel-{round_}-{size}" for size in (16, 24, 32, 40)]
+    # Different sizes each round: the same params again would be restored from the run-cache, untrained.
+    names = [f"parallel-{round_}-{size + round_}" for size in (16, 24, 32, 40)]
     for name in names:
         size = name.rsplit("-", 1)[1]
         run(["dvc", "exp", "run", "--queue", "-S", "epochs=2", "-S", f"hidden_layer_size={size}", "-n", name], repo)

@@ -293,7 +293,8 @@ def test_training_run_records_params_metrics_tags_and_artifacts(pipeline_mlflow)
     assert run.data.metrics["test_loss"] == pytest.approx(evaluation["test_loss"])
     assert {f"test_{m}_{d}" for m in ("precision", "recall") for d in range(10)} <= set(run.data.metrics)
 
-    assert {"git.commit", "dvc.experiment", "data.train.md5", "data.validation.md5"} <= set(run.data.tags)
+    assert {"git.commit", "data.train.md5", "data.validation.md5"} <= set(run.data.tags)
+    assert "dvc.experiment" not in run.data.tags  # run outside `dvc exp run`
     assert run.data.tags["data.train.md5"] == hashlib.md5((root / paths.SPLIT_TRAIN).read_bytes()).hexdigest()
 
     assert "confusion_matrix.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
