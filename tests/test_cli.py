@@ -14,6 +14,11 @@ def restore_sigterm_handler():
     signal.signal(signal.SIGTERM, previous)
 
 
+def run_script(script, cwd=None, env=None):
+    """Run a Python script in a fresh interpreter: run_stage ends its process, so tests run it there."""
+    return subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=20)
+
+
 def fail_with(exception):
     def main():
         raise exception
@@ -43,7 +48,7 @@ def test_success_ends_the_process_at_once_with_exit_0():
         "atexit.register(print, 'teardown ran')\n"
         "run_stage('demo', 'a demo stage', lambda: print('main ran'), [])\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
+    result = run_script(script)
     # Exit 0 right after main, output flushed, interpreter teardown skipped.
     assert (result.returncode, result.stdout, result.stderr) == (0, "main ran\n", "")
 
@@ -70,14 +75,7 @@ def test_sigterm_during_a_stage_exits_143(tmp_path, stage_env):
         "    time.sleep(30)\n"
         "run_stage('demo', 'a demo stage', main, [])\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=stage_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    result = run_script(script, tmp_path, stage_env(tmp_path))
     assert result.returncode == 143
     assert result.stderr == "demo: terminated (SIGTERM); no output was written\n"
 
@@ -93,14 +91,7 @@ def test_a_signal_inside_signals_held_is_raised_when_the_block_ends(tmp_path, st
         "    print('not reached')\n"
         "run_stage('demo', 'a demo stage', main, [])\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=stage_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    result = run_script(script, tmp_path, stage_env(tmp_path))
     assert result.returncode == 143
     assert result.stdout == "held, stop requested: True\n"
     assert result.stderr == "demo: terminated (SIGTERM); no output was written\n"
