@@ -60,6 +60,12 @@ def stop_requested() -> bool:
     return _held_signal is not None
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (libraries' messages run to pages)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def log(stage: str, message: str) -> None:
     print(f"{stage}: {message}", flush=True)
 
@@ -93,8 +99,8 @@ def run_stage(name: str, description: str, main: Callable[[], None], argv: list[
         print(f"{name}: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(f"{name}: interrupted (SIGINT); no output was written", file=sys.stderr, flush=True)
+        print(f"{name}: interrupted (SIGINT)", file=sys.stderr, flush=True)
         sys.exit(130)
     except Terminated:
-        print(f"{name}: terminated (SIGTERM); no output was written", file=sys.stderr, flush=True)
+        print(f"{name}: terminated (SIGTERM)", file=sys.stderr, flush=True)
         sys.exit(143)

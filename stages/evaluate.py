@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages import import_tensorflow, paths, tracking
-from stages.cli import StageError, Timer, log, run_stage, signals_held
+from stages.cli import StageError, Timer, first_line, log, run_stage, signals_held
 from stages.mnist_data import NUM_CLASSES, Examples
 from stages.outputs import atomic_output, write_json
 from stages.params import load_params
-from stages.records import load_examples
+from stages.records import evaluation_dataset, load_examples
 
 if TYPE_CHECKING:
     import keras
@@ -30,7 +30,7 @@ def load_model(path: Path) -> keras.Model:
     try:
         return keras.models.load_model(path)
     except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors... for a bad file
-        raise StageError(f"{path}: not a loadable Keras model: {str(exc).strip().splitlines()[0]}") from exc
+        raise StageError(f"{path}: not a loadable Keras model: {first_line(exc)}") from exc
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
@@ -50,8 +50,6 @@ def per_class_metrics(matrix: np.ndarray) -> dict[str, dict[str, float]]:
 
 def evaluate(model: keras.Model, examples: Examples) -> dict[str, Any]:
     """Test loss and accuracy as Keras computes them, plus each image's predicted digit."""
-    from stages.train import evaluation_dataset
-
     dataset = evaluation_dataset(examples)
     loss, accuracy = model.evaluate(dataset, verbose=0)
     predictions = np.argmax(model.predict(dataset, verbose=0), axis=1)

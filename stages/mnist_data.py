@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from stages.cli import StageError
+from stages.cli import StageError, first_line
 
 RAW_DIR = Path("data/raw/mnist")
 IMAGE_SHAPE = (28, 28, 1)
@@ -26,7 +26,7 @@ PINNED_SHA256 = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
-SPLIT_FILES = {"train": "train", "test": "t10k"}
+IDX_PREFIXES = {"train": "train", "test": "t10k"}  # split -> file name prefix
 
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
@@ -82,7 +82,7 @@ def load_idx(raw_dir: Path = RAW_DIR, expected_sha256: dict[str, str] = PINNED_S
     """Read and verify the four IDX files: magic numbers, shapes, counts, labels and SHA-256."""
     splits: dict[str, Examples] = {}
     hashes: dict[str, str] = {}
-    for split, prefix in SPLIT_FILES.items():
+    for split, prefix in IDX_PREFIXES.items():
         arrays = []
         for kind, magic in (("images", IDX_IMAGES_MAGIC), ("labels", IDX_LABELS_MAGIC)):
             name = f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
@@ -110,14 +110,16 @@ def load_idx(raw_dir: Path = RAW_DIR, expected_sha256: dict[str, str] = PINNED_S
 
 def load_tfds(data_dir: str | None) -> Dataset:
     """`tfds.load('mnist', as_supervised=True)`, as the notebook does; downloads if not cached."""
+    from stages import import_tensorflow
+
+    import_tensorflow()  # tfds imports it: silence its banner here too
     import tensorflow_datasets as tfds
 
     try:
         loaded = tfds.load("mnist", split=["train", "test"], as_supervised=True, data_dir=data_dir)
     except Exception as exc:  # tfds raises many types (network, missing files, checksum); all mean the same here
         location = data_dir or "the default tfds data_dir"
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StageError(f"tfds: cannot load 'mnist' from {location}: {first_line}") from exc
+        raise StageError(f"tfds: cannot load 'mnist' from {location}: {first_line(exc)}") from exc
     splits = []
     for dataset in loaded:
         batches = list(tfds.as_numpy(dataset.batch(10_000)))

@@ -10,8 +10,9 @@ from stages.params import Params
 if TYPE_CHECKING:
     import keras
 
-# One compiled call per epoch instead of one per batch: Keras' per-step Python overhead
-# dominates a model this small. Same batches, same order, same weights (see README: speed).
+# Up to 1000 optimizer steps per compiled call instead of one (a whole epoch at the notebook's
+# batch size): Keras' per-step Python overhead dominates a model this small. Same batches, same
+# order, same weights (see README: speed).
 TRAINING_STEPS_PER_EXECUTION = 1000
 
 

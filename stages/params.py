@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from stages.cli import StageError
+from stages.cli import StageError, first_line
 
 PARAMS_FILE = Path("params.yaml")
 SOURCES = ("idx", "tfds")
@@ -84,6 +85,21 @@ def parse_params(raw: Any, origin: str = str(PARAMS_FILE)) -> Params:
     return Params(**values)
 
 
+class _Yaml12FloatLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, which reads `1e-05` (as `dvc exp run -S learning_rate=1e-5` writes
+    it) as a string; this loader reads floats as YAML 1.2 does."""
+
+
+_Yaml12FloatLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$"
+        r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+
+
 def load_params(path: Path = PARAMS_FILE) -> Params:
     """Read and validate `params.yaml`."""
     try:
@@ -91,7 +107,7 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     except OSError as exc:
         raise StageError(f"{path}: cannot read parameters: {exc.strerror}") from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Yaml12FloatLoader)
     except yaml.YAMLError as exc:
-        raise StageError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise StageError(f"{path}: not valid YAML: {first_line(exc)}") from exc
     return parse_params(raw, str(path))

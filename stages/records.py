@@ -10,17 +10,22 @@ used by the stages that train and evaluate.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import google_crc32c
 import numpy as np
 
-from stages.cli import StageError
+from stages.cli import StageError, first_line
 from stages.mnist_data import IMAGE_SHAPE, Examples
 from stages.outputs import atomic_output
 
+if TYPE_CHECKING:
+    import tensorflow as tf
+
 IMAGE_BYTES = int(np.prod(IMAGE_SHAPE))
+EVAL_BATCH_SIZE = 1000  # validation and test batches: larger is faster and does not change the result
 
 
 def _masked_crc(data: bytes) -> int:
@@ -52,58 +57,6 @@ def encode_example(image: bytes, label: int) -> bytes:
         for key, value in ((b"image", image_feature), (b"label", label_feature))
     )
     return _length_delimited(1, features)
-
-
-def _read_varint(buffer: bytes, position: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if position >= len(buffer):
-            raise ValueError("truncated varint")
-        byte = buffer[position]
-        value |= (byte & 0x7F) << shift
-        position += 1
-        if byte < 0x80:
-            return value, position
-        shift += 7
-
-
-def _fields(buffer: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) for each varint or length-delimited field of a protobuf message."""
-    position = 0
-    while position < len(buffer):
-        key, position = _read_varint(buffer, position)
-        wire_type = key & 7
-        if wire_type == 0:
-            value, position = _read_varint(buffer, position)
-            yield key >> 3, value
-        elif wire_type == 2:
-            length, position = _read_varint(buffer, position)
-            if position + length > len(buffer):
-                raise ValueError("truncated field")
-            yield key >> 3, buffer[position : position + length]
-            position += length
-        else:
-            raise ValueError(f"unexpected wire type {wire_type}")
-
-
-def decode_example(record: bytes) -> tuple[bytes, int]:
-    """The (image bytes, label) of a serialized Example written by `encode_example` or by TensorFlow."""
-    features: dict[bytes, bytes] = {}
-    for _, features_message in _fields(record):
-        for _, entry in _fields(features_message):
-            parts = dict(_fields(entry))
-            features[parts[1]] = parts.get(2, b"")
-    image = label = None
-    for number, value in _fields(features[b"image"]):
-        if number == 1:
-            image = next(v for n, v in _fields(value) if n == 1)
-    for number, value in _fields(features[b"label"]):
-        if number == 3:
-            int64_list = next(v for n, v in _fields(value) if n == 1)
-            label = int64_list if isinstance(int64_list, int) else _read_varint(int64_list, 0)[0]
-    if image is None or label is None:
-        raise ValueError("missing image or label")
-    return image, label
 
 
 def frame_record(data: bytes) -> bytes:
@@ -182,8 +135,7 @@ def load_examples(path: Path) -> Examples:
     try:
         batches = [(images.numpy(), labels.numpy(), int(size)) for images, labels, size in dataset]
     except tf.errors.OpError as exc:
-        first_line = exc.message.strip().splitlines()[0]
-        raise StageError(f"{path}: not a valid TFRecord file of MNIST examples: {first_line}") from exc
+        raise StageError(f"{path}: not a valid TFRecord file of MNIST examples: {first_line(exc)}") from exc
     if not batches:
         raise StageError(f"{path}: contains no records")
     # TensorFlow silently drops a last record cut off inside its 12-byte header.
@@ -191,3 +143,21 @@ def load_examples(path: Path) -> Examples:
     if read_bytes != file_bytes:
         raise StageError(f"{path}: truncated: {file_bytes - read_bytes} bytes after the last complete record")
     return Examples(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
+
+
+def scaled(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """uint8 pixels -> float32 in [0, 1], in the input pipeline (records keep raw bytes)."""
+    import tensorflow as tf
+
+    return tf.cast(images, tf.float32) / 255.0, tf.cast(labels, tf.int64)
+
+
+def evaluation_dataset(examples: Examples) -> tf.data.Dataset:
+    import tensorflow as tf
+
+    return (
+        tf.data.Dataset.from_tensor_slices((examples.images, examples.labels))
+        .batch(EVAL_BATCH_SIZE)
+        .map(scaled)
+        .cache()
+    )

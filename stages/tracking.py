@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.cli import StageError, Terminated
+from stages.cli import StageError, Terminated, first_line
 
 if TYPE_CHECKING:
     import mlflow
@@ -25,9 +25,9 @@ if TYPE_CHECKING:
 DATABASE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 
-# Fail within seconds, not minutes, when a tracking server is down (users may override).
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# While connecting: fail within seconds, not minutes, when a tracking server is down. Later
+# calls keep MLflow's retries, so a hiccup does not throw away a finished training run.
+CONNECT_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def repo_root() -> Path:
@@ -58,20 +58,18 @@ def source_tags() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
+    """The commit the run's code came from; for a queued experiment, the commit it was queued on."""
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        return os.environ["DVC_EXP_BASELINE_REV"]
     result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True, check=False)
     return result.stdout.strip() if result.returncode == 0 else None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def connect(experiment_name: str) -> str:
     """Point MLflow at the tracking store and return the experiment's id, creating it if needed."""
     import mlflow
 
-    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI") or None
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     if user_uri is None:
@@ -80,28 +78,46 @@ def connect(experiment_name: str) -> str:
     # Our default store keeps artifacts beside it; a server decides for itself.
     artifact_location = (repo_root() / ARTIFACTS_DIR).as_uri() if user_uri is None else None
     try:
-        client = mlflow.MlflowClient()
-        experiment = client.get_experiment_by_name(experiment_name)
+        with _settings_unless_set(CONNECT_SETTINGS):
+            client = mlflow.MlflowClient()
+            experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
             # Suppressed: a parallel experiment may have created it first.
             with contextlib.suppress(mlflow.exceptions.MlflowException):
                 client.create_experiment(experiment_name, artifact_location=artifact_location)
             experiment = client.get_experiment_by_name(experiment_name)
-        for run_id in close_orphaned_runs(experiment.experiment_id):
-            print(f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED", flush=True)
-        return experiment.experiment_id
     except Exception as exc:
-        raise StageError(f"MLflow tracking store {uri} is unreachable or broken: {_first_line(exc)}") from exc
+        raise StageError(f"MLflow tracking store {uri} is unreachable or broken: {first_line(exc)}") from exc
+    if experiment.lifecycle_stage == "deleted":
+        raise StageError(
+            f"MLflow experiment '{experiment_name}' is deleted in {uri}: restore it "
+            f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or change mlflow_experiment"
+        )
+    for run_id in close_orphaned_runs(experiment.experiment_id):
+        print(f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED", flush=True)
+    return experiment.experiment_id
+
+
+@contextlib.contextmanager
+def _settings_unless_set(settings: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, except those the user has set."""
+    added = {name: value for name, value in settings.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def run_exists(run_id: str) -> bool:
+    """Whether the run is in the store and not deleted."""
     import mlflow
 
     try:
-        mlflow.MlflowClient().get_run(run_id)
+        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage != "deleted"
     except mlflow.exceptions.MlflowException:
         return False
-    return True
 
 
 def _owner_tags() -> dict[str, str]:
@@ -143,13 +159,16 @@ def recorded_run(run_id: str | None = None, **start_run_args: Any) -> Iterator[m
     """Start a run (or reopen `run_id`) that always ends: FINISHED, FAILED, or KILLED on SIGINT/SIGTERM."""
     import mlflow
 
-    if run_id is None:
-        run = mlflow.start_run(tags=_owner_tags(), **start_run_args)
-    else:
-        # Claim the run before it shows as RUNNING again, so close_orphaned_runs leaves it alone.
-        for key, value in _owner_tags().items():
-            mlflow.MlflowClient().set_tag(run_id, key, value)
-        run = mlflow.start_run(run_id=run_id)
+    try:
+        if run_id is None:
+            run = mlflow.start_run(tags=_owner_tags(), **start_run_args)
+        else:
+            # Claim the run before it shows as RUNNING again, so close_orphaned_runs leaves it alone.
+            for key, value in _owner_tags().items():
+                mlflow.MlflowClient().set_tag(run_id, key, value)
+            run = mlflow.start_run(run_id=run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise StageError(f"MLflow: cannot start a run in {tracking_uri()}: {first_line(exc)}") from exc
     status = "FAILED"
     try:
         yield run

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from stages import import_tensorflow, paths, tracking
 from stages.cli import Timer, log, run_stage, signals_held, stop_requested
@@ -13,14 +14,13 @@ from stages.mnist_data import Examples
 from stages.model import build_model, prepare_for_inference
 from stages.outputs import atomic_output, write_json
 from stages.params import Params, load_params
-from stages.records import load_examples
+from stages.records import evaluation_dataset, load_examples, scaled
 
 if TYPE_CHECKING:
     import keras
     import tensorflow as tf
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
-EVAL_BATCH_SIZE = 1000  # validation and test batches: larger is faster and does not change the result
 
 
 def seed_everything(seed: int) -> None:
@@ -30,13 +30,6 @@ def seed_everything(seed: int) -> None:
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-
-
-def scaled(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """uint8 pixels -> float32 in [0, 1], in the input pipeline (records keep raw bytes)."""
-    import tensorflow as tf
-
-    return tf.cast(images, tf.float32) / 255.0, tf.cast(labels, tf.int64)
 
 
 def training_dataset(examples: Examples, params: Params) -> tf.data.Dataset:
@@ -57,19 +50,11 @@ def training_dataset(examples: Examples, params: Params) -> tf.data.Dataset:
     )
 
 
-def evaluation_dataset(examples: Examples) -> tf.data.Dataset:
-    import tensorflow as tf
-
-    return (
-        tf.data.Dataset.from_tensor_slices((examples.images, examples.labels))
-        .batch(EVAL_BATCH_SIZE)
-        .map(scaled)
-        .cache()
-    )
-
-
 def train(
-    params: Params, train_examples: Examples, validation_examples: Examples, callbacks: list[Any] = ()
+    params: Params,
+    train_examples: Examples,
+    validation_examples: Examples,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> tuple[keras.Model, list[dict[str, float]]]:
     """Seed, build and fit the model; return it with one row of metrics per epoch (epoch counts from 1)."""
     import keras

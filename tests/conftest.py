@@ -27,6 +27,14 @@ def synthetic_examples(count: int, seed: int = 0) -> Examples:
     return Examples(images, labels)
 
 
+def decode_example(record: bytes) -> tuple[bytes, int]:
+    """(image bytes, label) of a serialized Example, parsed by TensorFlow's own protobuf classes."""
+    import tensorflow as tf
+
+    feature = tf.train.Example.FromString(record).features.feature
+    return feature["image"].bytes_list.value[0], feature["label"].int64_list.value[0]
+
+
 @pytest.fixture(scope="session")
 def make_examples():
     return synthetic_examples

@@ -136,6 +136,13 @@ def test_missing_file_is_named(tmp_path):
     assert str(path) in str(error.value)
 
 
+def test_exponent_notation_is_a_number_as_dvc_writes_it(tmp_path, raw_params):
+    # `dvc exp run -S learning_rate=1e-5` writes `learning_rate: 1e-05`: a string for YAML 1.1.
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw_params).replace("learning_rate: 0.001", "learning_rate: 1e-05"))
+    assert load_params(path).learning_rate == 1e-05
+
+
 def test_load_params_reads_changed_values(tmp_path, raw_params):
     raw_params.update(epochs=7, learning_rate=0.5)
     path = tmp_path / "params.yaml"

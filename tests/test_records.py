@@ -4,7 +4,8 @@ import pytest
 from stages.cli import StageError
 from stages.mnist_data import Examples
 from stages.outputs import atomic_output, write_json
-from stages.records import decode_example, encode_example, load_examples, read_framed, write_examples, write_framed
+from stages.records import encode_example, load_examples, read_framed, write_examples, write_framed
+from tests.conftest import decode_example
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +36,6 @@ def test_encoding_is_byte_identical_to_tensorflow_and_round_trips(label):
     encoded = encode_example(image, label)
     assert encoded == tf_example(image, label)
     assert decode_example(encoded) == (image, label)
-
-
-def test_decoding_reads_records_serialized_by_tensorflow():
-    assert decode_example(tf_example(b"\x00\xff" * 392, 7)) == (b"\x00\xff" * 392, 7)
-
-
-def test_decoding_rejects_a_record_without_label():
-    import tensorflow as tf
-
-    only_image = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"x"]))}
-    with pytest.raises((ValueError, KeyError)):
-        decode_example(tf.train.Example(features=tf.train.Features(feature=only_image)).SerializeToString())
 
 
 def test_tensorflow_reads_back_what_was_written(record_file, examples):

@@ -7,8 +7,9 @@ from stages import paths
 from stages.cli import StageError
 from stages.mnist_data import Dataset, Examples
 from stages.prepare import prepare
-from stages.records import decode_example, read_framed, write_examples
+from stages.records import read_framed, write_examples
 from stages.split import split, split_indices
+from tests.conftest import decode_example
 
 
 def test_split_indices_partition_everything():

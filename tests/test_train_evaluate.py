@@ -108,11 +108,6 @@ def test_load_model_errors_name_the_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-
-
-@pytest.fixture(scope="module")
 def mlflow_root(tmp_path_factory):
     return tmp_path_factory.mktemp("mlflow")
 
@@ -209,6 +204,25 @@ def test_evaluation_of_a_model_from_another_store_gets_its_own_run(experiment, m
     assert run.data.tags["model.trained_in_run"] == missing
     assert run.data.params == {"epochs": "3"}
     assert run.data.metrics["test_accuracy"] == 1.0
+
+
+def test_a_deleted_training_run_is_not_reopened(experiment):
+    experiment_id, client = experiment
+    with tracking.recorded_run(experiment_id=experiment_id) as training:
+        pass
+    client.delete_run(training.info.run_id)
+    matrix = evaluate.confusion_matrix(np.array([3]), np.array([3]))
+    recorded = evaluate.record(training.info.run_id, experiment_id, {}, {"test_accuracy": 1.0}, matrix)
+    assert recorded != training.info.run_id
+    assert client.get_run(recorded).data.tags["model.trained_in_run"] == training.info.run_id
+
+
+def test_connect_to_a_deleted_experiment_says_how_to_restore_it(experiment):
+    experiment_id, client = experiment
+    doomed = client.create_experiment("deleted-in-the-ui")
+    client.delete_experiment(doomed)
+    with pytest.raises(StageError, match=f"'deleted-in-the-ui' is deleted .* --experiment-id {doomed}"):
+        tracking.connect("deleted-in-the-ui")
 
 
 # --- The train and evaluate stages end to end on synthetic records, with MLflow ---
