@@ -23,19 +23,19 @@ SOURCES = ("idx", "tfds")
 
 @dataclasses.dataclass(frozen=True)
 class Params:
-    """Every hyperparameter of the pipeline; defaults are the notebook's values."""
+    """Every hyperparameter of the pipeline; their values, the notebook's by default, are in params.yaml."""
 
-    source: str = "idx"
-    tfds_data_dir: str | None = None
-    seed: int = 42
-    validation_fraction: float = 0.1
-    shuffle_buffer: int = 10_000
-    batch_size: int = 100
-    epochs: int = 5
-    hidden_layers: int = 2
-    hidden_layer_size: int = 50
-    learning_rate: float = 0.001
-    mlflow_experiment: str = "mnist-dnn"
+    source: str
+    tfds_data_dir: str | None
+    seed: int
+    validation_fraction: float
+    shuffle_buffer: int
+    batch_size: int
+    epochs: int
+    hidden_layers: int
+    hidden_layer_size: int
+    learning_rate: float
+    mlflow_experiment: str
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny synthetic MNIST-like data, IDX files, and a throwaway repository layout."""
 
+import dataclasses
 import gzip
 import os
 import shutil
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from stages.mnist_data import Examples
+from stages.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_PARAMS = REPO / "params.yaml"
@@ -61,6 +63,11 @@ def write_idx():
         return content
 
     return write
+
+
+def repository_params(**changes):
+    """The repository's params.yaml as a Params, with `changes` applied."""
+    return dataclasses.replace(load_params(REAL_PARAMS), **changes)
 
 
 @pytest.fixture

@@ -1,23 +1,17 @@
 import math
-from pathlib import Path
 
 import pytest
 import yaml
 
 from stages.cli import StageError
-from stages.params import Params, load_params, parse_params
-
-REAL_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+from stages.params import load_params, parse_params
+from tests.conftest import REAL_PARAMS
 
 
 def test_real_params_file_is_valid_and_typed():
     params = load_params(REAL_PARAMS)
     assert isinstance(params.validation_fraction, float) and isinstance(params.learning_rate, float)
     assert isinstance(params.epochs, int)
-
-
-def test_dataclass_defaults_pass_validation():
-    assert parse_params(Params().as_dict()) == Params()
 
 
 def test_as_dict_has_every_key_of_params_yaml(raw_params):

@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -10,13 +11,12 @@ import yaml
 from stages import evaluate, paths, tracking
 from stages.cli import StageError, Terminated
 from stages.model import build_model
-from stages.params import Params
 from stages.records import write_examples
 from stages.train import HISTORY_COLUMNS, train
+from tests.conftest import REAL_PARAMS, repository_params
 
-REAL_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 # Small and quick, with a learning rate high enough to learn the synthetic bands in two epochs.
-SMALL = Params(epochs=2, hidden_layer_size=16, batch_size=32, shuffle_buffer=300, learning_rate=0.01, seed=1)
+SMALL = repository_params(epochs=2, hidden_layer_size=16, batch_size=32, shuffle_buffer=300, learning_rate=0.01, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def weights_equal(a, b):
 
 @pytest.mark.parametrize("hidden_layers, parameters", [(2, 784 * 50 + 50 + 50 * 50 + 50 + 50 * 10 + 10), (0, 7850)])
 def test_build_model_has_the_notebooks_architecture(hidden_layers, parameters):
-    model = build_model(Params(hidden_layers=hidden_layers, hidden_layer_size=50, learning_rate=0.005))
+    model = build_model(repository_params(hidden_layers=hidden_layers, hidden_layer_size=50, learning_rate=0.005))
     dense = [layer for layer in model.layers if layer.__class__.__name__ == "Dense"]
     assert len(dense) == hidden_layers + 1
     assert [layer.units for layer in dense] == [50] * hidden_layers + [10]
@@ -66,7 +66,7 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(trained, da
     again, history = train(SMALL, *data)
     assert weights_equal(again, trained[0])
     assert history == trained[1]
-    other, _ = train(Params(**{**SMALL.as_dict(), "seed": 2}), *data)
+    other, _ = train(dataclasses.replace(SMALL, seed=2), *data)
     assert not weights_equal(other, trained[0])
 
 
