@@ -59,7 +59,7 @@ def encode_example(image: bytes, label: int) -> bytes:
     return _length_delimited(1, features)
 
 
-def frame_record(data: bytes) -> bytes:
+def _frame_record(data: bytes) -> bytes:
     """One TFRecord: length, its masked CRC-32C, the data, and its masked CRC-32C."""
     length = struct.pack("<Q", len(data))
     return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
@@ -70,7 +70,7 @@ def write_framed(path: Path, records: Iterable[bytes]) -> int:
     count = 0
     with atomic_output(path) as temporary, open(temporary, "wb") as file:
         for record in records:
-            file.write(frame_record(record))
+            file.write(_frame_record(record))
             count += 1
     return count
 
