@@ -3,23 +3,27 @@ metrics and the confusion matrix; recorded in the MLflow run that trained the mo
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages import import_tensorflow, paths, tracking
-from stages.cli import StageError, Timer, first_line, log, run_stage, signals_held
-from stages.mnist_data import NUM_CLASSES, Examples
-from stages.outputs import atomic_output, write_json
-from stages.params import load_params
-from stages.records import evaluation_dataset, load_examples
+from stages.common import paths
+from stages.common.cli import Timer, import_tensorflow, log, run_stage, signals_held
+from stages.common.dataset import NUM_CLASSES, Examples
+from stages.common.errors import StageError, first_line
+from stages.common.outputs import atomic_output, write_json
+from stages.common.params import Params, load_params
+from stages.lib import tracking
+from stages.lib.input_pipeline import evaluation_dataset, load_examples
 
 if TYPE_CHECKING:
     import keras
+    import mlflow
 
 
 def load_model(path: Path) -> keras.Model:
@@ -95,62 +99,72 @@ def write_confusion_csv(path: Path, labels: np.ndarray, predictions: np.ndarray)
         writer.writerows(zip(labels.tolist(), predictions.tolist(), strict=True))
 
 
-def training_run_id() -> str:
-    try:
-        return json.loads(paths.TRAIN_METRICS.read_text())["mlflow_run_id"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise StageError(f"{paths.TRAIN_METRICS}: cannot read the training run's mlflow_run_id: {exc}") from exc
-
-
-def record(
-    run_id: str, experiment_id: str, params: dict[str, Any], metrics: dict[str, float], matrix: np.ndarray
-) -> str:
-    """Log into the training run; if that run is not in this store, into a new run saying so."""
+@contextlib.contextmanager
+def evaluation_run(experiment_id: str, model_md5: str, params: Params) -> Iterator[mlflow.ActiveRun]:
+    """The run that trained the model (see tracking.find_training_run), reopened; if no run in this
+    store trained it (a model pulled from elsewhere), a new run that says so."""
     import mlflow
 
-    if tracking.run_exists(run_id):
-        start: dict[str, Any] = {"run_id": run_id}
-    else:
-        log(
-            "evaluate",
-            f"warning: MLflow run {run_id} of the trained model is not in {tracking.tracking_uri()}; "
-            "recording this evaluation in a new run",
-        )
-        start = {"experiment_id": experiment_id, "run_name": f"{tracking.run_name()}-evaluate"}
-    with tracking.recorded_run(**start) as run, tempfile.TemporaryDirectory() as folder:
-        if "experiment_id" in start:
-            mlflow.log_params(params)
-            mlflow.set_tags({"model.trained_in_run": run_id, **tracking.source_tags()})
-        mlflow.log_metrics(metrics)
+    training = tracking.find_training_run(experiment_id, model_md5)
+    if training is not None:
+        with tracking.recorded_run(training.info.run_id) as run:
+            yield run
+        return
+    log(
+        "evaluate",
+        f"warning: no MLflow run in {tracking.tracking_uri()} trained {paths.MODEL} (md5 {model_md5}); "
+        "recording this evaluation in a new run",
+    )
+    tags = {
+        **tracking.source_tags(),
+        tracking.EVALUATED_MODEL_TAG: model_md5,
+        "mlflow.note.content": f"Evaluation only: no run in this store trained the model (md5 {model_md5}).",
+    }
+    name = f"{tracking.run_name()}-evaluate"
+    with tracking.recorded_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
+        mlflow.log_params(params.as_dict())
+        yield run
+
+
+def log_evaluation(metrics: dict[str, float], matrix: np.ndarray) -> None:
+    """Test metrics and the confusion matrix figure, into the active run."""
+    import mlflow
+
+    mlflow.log_metrics(metrics)
+    with tempfile.TemporaryDirectory() as folder:
         figure = Path(folder) / "confusion_matrix.png"
         confusion_figure(matrix, figure)
         mlflow.log_artifact(str(figure))
-        return run.info.run_id
 
 
 def main() -> None:
     timer = Timer()
     params = load_params()
-    run_id = training_run_id()
-    experiment_id = tracking.connect(params.mlflow_experiment)
+    if not paths.MODEL.is_file():
+        raise StageError(f"{paths.MODEL}: file not found (run `dvc repro train` to create it)")
+    model_md5 = tracking.md5(paths.MODEL)
+    experiment_id = tracking.open_experiment(params.mlflow_experiment)
+    for run_id in tracking.close_orphaned_runs(experiment_id):
+        log("evaluate", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
     import_tensorflow()
-    with signals_held():
-        model = load_model(paths.MODEL)
-        test = load_examples(paths.PREPARED_TEST)
-        results = evaluate(model, test)
-    matrix = confusion_matrix(test.labels, results["predictions"])
-    per_class = per_class_metrics(matrix)
-    print(format_report(results, per_class, matrix), flush=True)
-    metrics = {"test_loss": results["test_loss"], "test_accuracy": results["test_accuracy"]}
-    flat_per_class = {f"test_{name}_{d}": value for d, m in per_class.items() for name, value in m.items()}
-    recorded_in = record(run_id, experiment_id, params.as_dict(), {**metrics, **flat_per_class}, matrix)
-    write_json(paths.PER_CLASS_METRICS, per_class)
-    write_confusion_csv(paths.CONFUSION, test.labels, results["predictions"])
-    write_json(paths.EVALUATE_METRICS, metrics)
+    with evaluation_run(experiment_id, model_md5, params) as run:
+        with signals_held():
+            model = load_model(paths.MODEL)
+            test = load_examples(paths.PREPARED_TEST)
+            results = evaluate(model, test)
+        matrix = confusion_matrix(test.labels, results["predictions"])
+        per_class = per_class_metrics(matrix)
+        print(format_report(results, per_class, matrix), flush=True)
+        metrics = {"test_loss": results["test_loss"], "test_accuracy": results["test_accuracy"]}
+        flat_per_class = {f"test_{name}_{d}": value for d, m in per_class.items() for name, value in m.items()}
+        log_evaluation({**metrics, **flat_per_class}, matrix)
+        write_json(paths.PER_CLASS_METRICS, per_class)
+        write_confusion_csv(paths.CONFUSION, test.labels, results["predictions"])
+        write_json(paths.EVALUATE_METRICS, metrics)
     log(
         "evaluate",
         f"test_accuracy {results['test_accuracy']:.4f} on {len(test.labels)} images; "
-        f"recorded in MLflow run {recorded_in} in {timer}",
+        f"recorded in MLflow run {run.info.run_id} in {timer}",
     )
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages import paths
-from stages.cli import Timer, log, run_stage
-from stages.mnist_data import NUM_CLASSES, Dataset, Examples, load_idx, load_tfds
-from stages.outputs import write_json
-from stages.params import Params, load_params
-from stages.records import write_examples
+from stages.common import paths
+from stages.common.cli import Timer, log, run_stage
+from stages.common.dataset import NUM_CLASSES, Examples
+from stages.common.outputs import write_json
+from stages.common.params import Params, load_params
+from stages.common.records import write_examples
+from stages.lib.mnist_sources import Dataset, load_idx, load_tfds
 
 
 def load_source(params: Params) -> Dataset:

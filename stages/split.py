@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages import paths
-from stages.cli import StageError, Timer, log, run_stage
-from stages.outputs import write_json
-from stages.params import load_params
-from stages.records import read_framed, write_framed
+from stages.common import paths
+from stages.common.cli import Timer, log, run_stage
+from stages.common.errors import StageError
+from stages.common.outputs import write_json
+from stages.common.params import load_params
+from stages.common.records import read_framed, write_framed
 
 
 def split_indices(count: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,50 +3,52 @@
 from __future__ import annotations
 
 import csv
-import hashlib
+import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages import import_tensorflow, paths, tracking
-from stages.cli import Timer, log, run_stage, signals_held, stop_requested
-from stages.mnist_data import Examples
-from stages.model import build_model, prepare_for_inference
-from stages.outputs import atomic_output, write_json
-from stages.params import Params, load_params
-from stages.records import evaluation_dataset, load_examples, scaled
+from stages.common import paths
+from stages.common.cli import Timer, import_tensorflow, log, run_stage, signals_held, stop_requested
+from stages.common.dataset import Examples
+from stages.common.outputs import atomic_output, write_json
+from stages.common.params import Params, load_params
+from stages.lib import tracking
+from stages.lib.input_pipeline import evaluation_dataset, load_examples, training_dataset
+from stages.lib.model import build_model
 
 if TYPE_CHECKING:
     import keras
-    import tensorflow as tf
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 
+# Up to 1000 optimizer steps per compiled call instead of one (a whole epoch at the notebook's
+# batch size): Keras' per-step Python overhead dominates a model this small. Same batches, same
+# order, same weights (see README: speed).
+TRAINING_STEPS_PER_EXECUTION = 1000
 
-def seed_everything(seed: int) -> None:
+# What the saved model file records instead of the save time, so that same weights => same bytes.
+FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+FIXED_DATE_SAVED = "1980-01-01@00:00:00"
+
+
+def seed_everything(seed: int, deterministic_ops: bool = True) -> None:
     """Same seed, same data => same weights: seeds Python, NumPy and TensorFlow; deterministic ops."""
     import keras
     import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if deterministic_ops:
+        tf.config.experimental.enable_op_determinism()
 
 
-def training_dataset(examples: Examples, params: Params) -> tf.data.Dataset:
-    """Batches scaled on the fly, reshuffled every epoch with `shuffle_buffer` and `seed`.
-
-    The images stay in memory as one tensor; what is shuffled is their indices, and each batch is
-    gathered at once. Same order as shuffling the examples themselves, at half the CPU cost.
-    """
-    import tensorflow as tf
-
-    images, labels = tf.constant(examples.images), tf.constant(examples.labels)
-    return (
-        tf.data.Dataset.range(len(examples.labels))
-        .shuffle(params.shuffle_buffer, seed=params.seed, reshuffle_each_iteration=True)
-        .batch(params.batch_size)
-        .map(lambda indices: scaled(tf.gather(images, indices), tf.gather(labels, indices)))
-        .prefetch(tf.data.AUTOTUNE)
+def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer, steps_per_execution: int) -> None:
+    model.compile(
+        optimizer=optimizer,
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
     )
 
 
@@ -55,24 +57,31 @@ def train(
     train_examples: Examples,
     validation_examples: Examples,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    deterministic_ops: bool = True,
 ) -> tuple[keras.Model, list[dict[str, float]]]:
-    """Seed, build and fit the model; return it with one row of metrics per epoch (epoch counts from 1)."""
+    """Seed, build, compile and fit the model; return it with one row of metrics per epoch (from 1).
+
+    `deterministic_ops=False` only exists to measure what op determinism costs (bench/).
+    """
     import keras
 
-    seed_everything(params.seed)
+    seed_everything(params.seed, deterministic_ops)
     model = build_model(params)
+    compile_model(model, keras.optimizers.Adam(learning_rate=params.learning_rate), TRAINING_STEPS_PER_EXECUTION)
     stop_on_signal = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", model.stop_training or stop_requested())
     )
     history = model.fit(
-        training_dataset(train_examples, params),
+        training_dataset(train_examples, params.batch_size, params.shuffle_buffer, params.seed),
         epochs=params.epochs,
         validation_data=evaluation_dataset(validation_examples),
         callbacks=[*callbacks, stop_on_signal],
         shuffle=False,  # the dataset shuffles, seeded
         verbose=2,
     ).history
-    prepare_for_inference(model)
+    # Saved for inference with one step per call (same optimizer, weights untouched): Keras'
+    # progress bar miscounts when steps_per_execution exceeds the steps of a predict() call.
+    compile_model(model, model.optimizer, 1)
     rows = [
         {"epoch": epoch + 1, **{name: float(history[name][epoch]) for name in HISTORY_COLUMNS[1:]}}
         for epoch in range(len(history["loss"]))  # fewer than params.epochs if a signal stopped it
@@ -80,9 +89,23 @@ def train(
     return model, rows
 
 
-def md5(path: Path) -> str:
-    """The file's MD5, as DVC records it in dvc.lock, so a run can be matched to its data."""
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+def save_model(model: keras.Model, path: Path) -> None:
+    """Save as .keras, atomically, with the save time pinned: the file is a function of the model alone.
+
+    Keras writes the time into metadata.json (`date_saved`) and into every zip entry's header;
+    the entries' contents are otherwise identical for identical weights.
+    """
+    with atomic_output(path) as temporary:
+        model.save(temporary)
+        with zipfile.ZipFile(temporary) as saved:
+            entries = [(entry, saved.read(entry)) for entry in saved.infolist()]
+        with zipfile.ZipFile(temporary, "w") as pinned:
+            for entry, content in entries:
+                if entry.filename == "metadata.json":
+                    content = json.dumps({**json.loads(content), "date_saved": FIXED_DATE_SAVED}).encode()
+                fixed = zipfile.ZipInfo(entry.filename, date_time=FIXED_ZIP_TIME)
+                fixed.compress_type, fixed.external_attr = entry.compress_type, entry.external_attr
+                pinned.writestr(fixed, content)
 
 
 def write_history(path: Path, rows: list[dict[str, float]]) -> None:
@@ -100,8 +123,8 @@ def log_epoch(epoch: int, logs: dict[str, float]) -> None:
     mlflow.log_metrics(metrics, step=epoch + 1, synchronous=False)
 
 
-def log_model(model: keras.Model, examples: Examples) -> str:
-    """Log the Keras model as an MLflow model with signature and input example; return its URI."""
+def log_model(model: keras.Model, examples: Examples) -> None:
+    """Log the Keras model as an MLflow model with signature and input example."""
     import keras
     import mlflow
     import tensorflow as tf
@@ -111,7 +134,7 @@ def log_model(model: keras.Model, examples: Examples) -> str:
     # MLflow predicts on the input example with Keras' progress bar on; keep it out of the log.
     keras.utils.disable_interactive_logging()
     try:
-        info = mlflow.tensorflow.log_model(
+        mlflow.tensorflow.log_model(
             model,
             name="model",
             signature=signature,
@@ -125,13 +148,14 @@ def log_model(model: keras.Model, examples: Examples) -> str:
         )
     finally:
         keras.utils.enable_interactive_logging()
-    return info.model_uri
 
 
 def main() -> None:
     timer = Timer()
     params = load_params()
-    experiment_id = tracking.connect(params.mlflow_experiment)
+    experiment_id = tracking.open_experiment(params.mlflow_experiment)
+    for run_id in tracking.close_orphaned_runs(experiment_id):
+        log("train", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
     import_tensorflow()
     import keras
     import mlflow
@@ -148,8 +172,8 @@ def main() -> None:
         mlflow.set_tags(
             {
                 **tracking.source_tags(),
-                "data.train.md5": md5(paths.SPLIT_TRAIN),
-                "data.validation.md5": md5(paths.SPLIT_VALIDATION),
+                "data.train.md5": tracking.md5(paths.SPLIT_TRAIN),
+                "data.validation.md5": tracking.md5(paths.SPLIT_VALIDATION),
             }
         )
         with signals_held():  # a signal stops training at the end of the epoch, then is raised
@@ -157,19 +181,17 @@ def main() -> None:
                 params, train_examples, validation_examples, [keras.callbacks.LambdaCallback(on_epoch_end=log_epoch)]
             )
         with signals_held():
-            model_uri = log_model(model, validation_examples)
-            with atomic_output(paths.MODEL) as temporary:
-                model.save(temporary)
+            log_model(model, validation_examples)
+            save_model(model, paths.MODEL)
+        model_md5 = tracking.md5(paths.MODEL)
+        mlflow.set_tag(tracking.MODEL_TAG, model_md5)
         write_history(paths.TRAIN_HISTORY, history)
         final = {name: history[-1][name] for name in HISTORY_COLUMNS[1:]}
-        write_json(
-            paths.TRAIN_METRICS,
-            {"epochs": params.epochs, **final, "mlflow_run_id": run.info.run_id, "mlflow_model_uri": model_uri},
-        )
+        write_json(paths.TRAIN_METRICS, {"epochs": params.epochs, **final})
     log(
         "train",
         f"{params.epochs} epochs: val_accuracy {final['val_accuracy']:.4f}, val_loss {final['val_loss']:.4f}; "
-        f"wrote {paths.MODEL}; MLflow run {run.info.run_id} in {timer}",
+        f"wrote {paths.MODEL} (md5 {model_md5}); MLflow run {run.info.run_id} in {timer}",
     )
 
 

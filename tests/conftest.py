@@ -2,7 +2,6 @@
 
 import dataclasses
 import gzip
-import os
 import shutil
 import subprocess
 import sys
@@ -12,8 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.mnist_data import Examples
-from stages.params import load_params
+from stages.common.dataset import Examples
+from stages.common.params import load_params
+from tests.e2e import user_env
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_PARAMS = REPO / "params.yaml"
@@ -78,9 +78,7 @@ def raw_params():
 
 def clean_env(root: Path) -> dict[str, str]:
     """Environment for running a stage in `root`: MLflow in root/mlflow.db, stages importable."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
-    env.update(DVC_ROOT=str(root), PYTHONPATH=str(REPO))
-    return env
+    return user_env(DVC_ROOT=str(root), PYTHONPATH=str(REPO))
 
 
 def run_stage_process(stage: str, cwd: Path, *args: str, python_args: tuple[str, ...] = ()):

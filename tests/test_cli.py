@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from stages.cli import StageError, Terminated, run_stage
+from stages.common.cli import Terminated, run_stage
+from stages.common.errors import StageError
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +47,7 @@ def test_expected_failures_become_one_line_and_an_exit_code(capsys, exception, c
 def test_success_ends_the_process_at_once_with_exit_0():
     script = (
         "import atexit\n"
-        "from stages.cli import run_stage\n"
+        "from stages.common.cli import run_stage\n"
         "atexit.register(print, 'teardown ran')\n"
         "run_stage('demo', 'a demo stage', lambda: print('main ran'), [])\n"
     )
@@ -71,7 +72,7 @@ def test_unknown_argument_is_rejected_before_main_runs(capsys):
 def test_sigterm_during_a_stage_exits_143(tmp_path, stage_env):
     script = (
         "import os, signal, time\n"
-        "from stages.cli import run_stage\n"
+        "from stages.common.cli import run_stage\n"
         "def main():\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(30)\n"
@@ -85,7 +86,7 @@ def test_sigterm_during_a_stage_exits_143(tmp_path, stage_env):
 def test_a_signal_inside_signals_held_is_raised_when_the_block_ends(tmp_path, stage_env):
     script = (
         "import os, signal\n"
-        "from stages.cli import run_stage, signals_held, stop_requested\n"
+        "from stages.common.cli import run_stage, signals_held, stop_requested\n"
         "def main():\n"
         "    with signals_held():\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"

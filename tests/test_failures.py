@@ -15,8 +15,8 @@ import mlflow
 import pytest
 import yaml
 
-from stages import paths
-from stages.records import write_examples
+from stages.common import paths
+from stages.common.records import write_examples
 from tests.conftest import REAL_PARAMS, clean_env
 
 RAW = REAL_PARAMS.parent / "data/raw/mnist"
@@ -93,14 +93,14 @@ def test_train_on_a_truncated_tfrecord_names_it_and_records_no_run(split_data, r
 def test_evaluate_with_a_file_that_is_not_a_keras_model_names_it_and_writes_nothing(split_data, run_stage_in):
     (split_data / "models").mkdir()
     (split_data / paths.MODEL).write_bytes(b"not a model")
-    (split_data / "metrics").mkdir()
-    (split_data / paths.TRAIN_METRICS).write_text(json.dumps({"mlflow_run_id": "0" * 32}))
 
     result = run_stage_in("evaluate", split_data)
     assert result.returncode == 1
     [line] = error_lines(result)
     assert f"{paths.MODEL}: not a loadable Keras model" in line
-    assert outputs_left(split_data) == ["data/prepared/test.tfrecord", "metrics/train.json", "models/model.keras"]
+    assert outputs_left(split_data) == ["data/prepared/test.tfrecord", "models/model.keras"]
+    [run] = runs(split_data)  # no run trained this file: the evaluation's own run, which failed
+    assert run.info.status == "FAILED"
 
 
 def start_long_training(root) -> subprocess.Popen:

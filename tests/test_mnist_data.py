@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.cli import StageError
-from stages.mnist_data import (
+from stages.common.errors import StageError
+from stages.lib.mnist_sources import (
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,
     PINNED_SHA256,
@@ -189,8 +189,9 @@ def test_tfds_source_gives_the_same_layout():
 def test_prepare_stage_with_the_tfds_source_writes_records(stage_root, raw_params):
     import tensorflow_datasets as tfds
 
-    from stages import paths, prepare
-    from stages.records import read_framed
+    from stages import prepare
+    from stages.common import paths
+    from stages.common.records import read_framed
 
     (stage_root / "params.yaml").write_text(yaml.safe_dump({**raw_params, "source": "tfds"}))
     with tfds.testing.mock_data(num_examples=12):

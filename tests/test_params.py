@@ -3,8 +3,8 @@ import math
 import pytest
 import yaml
 
-from stages.cli import StageError
-from stages.params import load_params, parse_params
+from stages.common.errors import StageError
+from stages.common.params import load_params, parse_params
 from tests.conftest import REAL_PARAMS
 
 
@@ -165,7 +165,7 @@ def test_bad_param_fails_in_one_line_before_importing_tensorflow(tmp_path, raw_p
     result = run_stage_in(stage, tmp_path, python_args=("-X", "importtime"))
     assert result.returncode == 1
     modules = imported_modules(result.stderr)
-    assert "stages.params" in modules  # the importtime output was parsed
+    assert "stages.common.params" in modules  # the importtime output was parsed
     assert not [m for m in modules if is_heavy(m)]
     message = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
     assert len(message) == 1
@@ -180,5 +180,5 @@ def test_help_exits_0_without_importing_tensorflow(tmp_path, run_stage_in, stage
     assert result.returncode == 0
     assert result.stdout.startswith(f"usage: python -m stages.{stage}")
     modules = imported_modules(result.stderr)
-    assert "stages.cli" in modules
+    assert "stages.common.cli" in modules
     assert not [m for m in modules if is_heavy(m)]

@@ -1,13 +1,15 @@
-"""End to end on the full MNIST data, in a throwaway git copy of the repository, as a user runs it.
+"""End to end on the full MNIST data, in throwaway git copies of the repository, as a user runs it.
 
-The tests share one copy and run in order, as one user's session would: each starts from the
-state the previous ones left.
+`dvc repro` runs once, in a baseline copy; every test then works in its own copy of that
+baseline (outputs, DVC cache, MLflow store, git history), so each can run alone:
+`pytest -m slow -k <name>`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +21,8 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.records import read_framed
+from stages.common.records import read_framed
+from stages.lib.tracking import MODEL_TAG, md5
 from tests.e2e import clone_repository, run, user_env
 
 pytestmark = pytest.mark.slow
@@ -27,17 +30,37 @@ pytestmark = pytest.mark.slow
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    return clone_repository(tmp_path_factory.mktemp("repo"))
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory):
+    """A copy of the repository in which `dvc repro` has run: the state after a new user's `make repro`."""
+    repo = clone_repository(tmp_path_factory.mktemp("baseline") / "repo")
+    run(["dvc", "repro"], repo)
+    return repo
+
+
+@pytest.fixture
+def repo(baseline, tmp_path):
+    """This test's own copy of the baseline. MLflow's experiment keeps the baseline's artifact folder."""
+    return shutil.copytree(baseline, tmp_path / "repo", symlinks=True)
 
 
 def client(repo) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
 
 
-def train_run_id(repo) -> str:
-    return json.loads((repo / "metrics/train.json").read_text())["mlflow_run_id"]
+def runs_of_model(repo, mlflow_client=None) -> list:
+    """The MLflow runs tagged as having trained the workspace's model file, newest first."""
+    mlflow_client = mlflow_client or client(repo)
+    experiment = mlflow_client.get_experiment_by_name("mnist-dnn")
+    return mlflow_client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{MODEL_TAG}` = '{md5(repo / 'models/model.keras')}'",
+        order_by=["attributes.start_time DESC"],
+    )
+
+
+def changed_stages(repo) -> set[str]:
+    return set(json.loads(run(["dvc", "status", "--json"], repo).stdout))
 
 
 def experiments_shown(repo) -> dict:
@@ -50,16 +73,16 @@ def experiments_shown(repo) -> dict:
     }
 
 
-def set_param(repo, key, value):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params[key] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+def stages_run(result) -> list[str]:
+    """The stages a `dvc repro`/`dvc exp run` ran (DVC has no JSON for this), from its "Running stage" lines."""
+    return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")]
 
 
-def test_split_writes_the_records_and_a_second_repro_reruns_nothing(repo):
-    run(["dvc", "repro", "split"], repo)
+def test_a_new_users_repro_reproduces_the_committed_baseline_byte_for_byte(baseline):
+    # dvc.lock (every output's hash, the model file's included) and metrics/ as committed.
+    assert run(["git", "status", "--porcelain"], baseline).stdout == ""
     counts = {
-        path: len(read_framed(repo / path))
+        path: len(read_framed(baseline / path))
         for path in ("data/split/train.tfrecord", "data/split/validation.tfrecord", "data/prepared/test.tfrecord")
     }
     assert counts == {
@@ -67,76 +90,79 @@ def test_split_writes_the_records_and_a_second_repro_reruns_nothing(repo):
         "data/split/validation.tfrecord": 6_000,
         "data/prepared/test.tfrecord": 10_000,
     }
-    summary = json.loads((repo / "data/prepared/summary.json").read_text())
-    assert summary["sha256"]["train-images-idx3-ubyte"].startswith("ba891046")
-
-    again = run(["dvc", "repro", "split"], repo).stdout
-    assert "Running stage" not in again
-    assert "didn't change" in again
+    assert changed_stages(baseline) == set()
 
 
-def test_changing_epochs_leaves_the_data_stages_unchanged(repo):
-    original = (repo / "params.yaml").read_text()
-    try:
-        set_param(repo, "epochs", 7)
-        status = run(["dvc", "status"], repo).stdout
-        assert "train:" in status
-        assert "prepare:" not in status and "split:" not in status
-    finally:
-        (repo / "params.yaml").write_text(original)
+def test_restoring_the_committed_outputs_from_the_cache_works(repo):
+    for path in ("metrics/train.json", "models/model.keras", "data/split/train.tfrecord"):
+        (repo / path).unlink()
+    run(["git", "checkout", "--", "."], repo)
+    run(["dvc", "checkout"], repo)
+    assert changed_stages(repo) == set()
+    assert run(["git", "status", "--porcelain"], repo).stdout == ""
 
 
-def test_repro_trains_evaluates_and_records_a_complete_mlflow_run(repo):
-    result = run(["dvc", "repro"], repo)
-    assert "Test accuracy:" in result.stdout
+def test_repro_records_one_complete_mlflow_run_found_by_the_model_files_hash(repo):
+    [run_] = runs_of_model(repo)
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
     assert evaluation["test_accuracy"] >= 0.965
-
-    run_ = client(repo).get_run(train_run_id(repo))
     assert run_.info.status == "FINISHED"
     assert run_.data.params["epochs"] == "5"
     assert run_.data.metrics["test_accuracy"] == pytest.approx(evaluation["test_accuracy"])
     for name in METRICS:
-        history = client(repo).get_metric_history(run_.info.run_id, name)
-        assert [m.step for m in history] == [1, 2, 3, 4, 5]
-    assert (repo / "mlartifacts").is_dir()
+        assert [m.step for m in client(repo).get_metric_history(run_.info.run_id, name)] == [1, 2, 3, 4, 5]
+    assert run_.data.tags["data.train.md5"] == md5(repo / "data/split/train.tfrecord")
 
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
     assert shown[""]["data"]["metrics/evaluate.json"]["data"] == evaluation
+    assert not [key for key in shown[""]["data"]["metrics/train.json"]["data"] if key.startswith("mlflow")]
 
 
-def test_repro_again_reruns_nothing_and_forced_repro_gives_identical_results(repo):
-    assert "Running stage" not in run(["dvc", "repro"], repo).stdout
-
-    first_weights = (repo / "models/model.keras").read_bytes()
-    first = {name: json.loads((repo / f"metrics/{name}.json").read_text()) for name in ("train", "evaluate")}
+def test_a_forced_rerun_writes_the_same_bytes_and_evaluates_into_its_own_new_run(repo):
+    before = {path: (repo / path).read_bytes() for path in ("models/model.keras", "metrics/train.json", "dvc.lock")}
+    [first] = runs_of_model(repo)
     run(["dvc", "repro", "-f", "train", "evaluate"], repo)
-    second = {name: json.loads((repo / f"metrics/{name}.json").read_text()) for name in ("train", "evaluate")}
-    assert second["train"]["mlflow_run_id"] != first["train"]["mlflow_run_id"]
-    for metrics in (first["train"], second["train"]):
-        metrics.pop("mlflow_run_id"), metrics.pop("mlflow_model_uri")
-    assert first == second
-    import keras
+    assert before == {path: (repo / path).read_bytes() for path in before}
+    second, again = runs_of_model(repo)  # newest first: both trained these very bytes
+    assert again.info.run_id == first.info.run_id
+    assert second.info.status == "FINISHED"
+    assert second.data.metrics["test_accuracy"] == first.data.metrics["test_accuracy"]
 
-    # Weights compared as arrays: the .keras zip also stores a timestamp.
-    (repo / "first.keras").write_bytes(first_weights)
-    old, new = keras.models.load_model(repo / "first.keras"), keras.models.load_model(repo / "models/model.keras")
-    assert all(np.array_equal(a, b) for a, b in zip(old.get_weights(), new.get_weights(), strict=True))
-    (repo / "first.keras").unlink()
+
+def edit(path, line="# edited\n"):
+    with path.open("a") as file:
+        file.write(line)
+
+
+@pytest.mark.parametrize(
+    "module, changed",
+    [
+        ("stages/lib/mnist_sources.py", {"prepare"}),  # the raw-data reader
+        ("stages/lib/model.py", {"train"}),  # evaluate follows once train has rerun
+        ("stages/lib/input_pipeline.py", {"train", "evaluate"}),
+        ("stages/common/dataset.py", {"prepare", "split", "train", "evaluate"}),
+    ],
+)
+def test_editing_a_module_changes_only_the_stages_that_import_it(repo, module, changed):
+    edit(repo / module)
+    assert changed_stages(repo) == changed
+
+
+def test_changing_epochs_leaves_the_data_stages_unchanged(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump({**params, "epochs": 7}, sort_keys=False))
+    assert changed_stages(repo) == {"train"}
 
 
 def test_experiment_reruns_only_training_and_leaves_a_run_named_after_it(repo):
     result = run(["dvc", "exp", "run", "-S", "epochs=2", "-n", "two-epochs"], repo)
-    assert "Running stage 'prepare'" not in result.stdout and "Running stage 'split'" not in result.stdout
-    assert "Running stage 'train'" in result.stdout
+    assert stages_run(result) == ["train", "evaluate"]
 
-    run_ = client(repo).get_run(train_run_id(repo))
+    [run_] = runs_of_model(repo)
     assert run_.info.run_name == "two-epochs"
     assert run_.data.tags["dvc.experiment"] == "two-epochs"
     assert run_.info.status == "FINISHED"
     assert len(client(repo).get_metric_history(run_.info.run_id, "val_accuracy")) == 2
-    assert "test_accuracy" in run_.data.metrics
-
     shown = experiments_shown(repo)
     assert shown["two-epochs"]["metrics/evaluate.json"]["data"]["test_accuracy"] == run_.data.metrics["test_accuracy"]
 
@@ -151,7 +177,6 @@ def logged_model_of(repo, run_id):
 def test_parallel_queued_experiments_all_land_complete_in_the_repository_database(repo, round_):
     experiment = client(repo).get_experiment_by_name("mnist-dnn")
     before = {r.info.run_id for r in client(repo).search_runs([experiment.experiment_id])}
-    # Different sizes each round: the same params again would be restored from the run-cache, untrained.
     names = [f"parallel-{round_}-{size + round_}" for size in (16, 24, 32, 40)]
     for name in names:
         size = name.rsplit("-", 1)[1]
@@ -167,10 +192,9 @@ def test_parallel_queued_experiments_all_land_complete_in_the_repository_databas
         assert set(run_.data.params) == set(yaml.safe_load((repo / "params.yaml").read_text()))
         for name in METRICS:
             assert [m.step for m in client(repo).get_metric_history(run_.info.run_id, name)] == [1, 2]
-        assert "test_accuracy" in run_.data.metrics
         assert (
             shown[run_.info.run_name]["metrics/evaluate.json"]["data"]["test_accuracy"]
-            == (run_.data.metrics["test_accuracy"])
+            == run_.data.metrics["test_accuracy"]
         )
         assert logged_model_of(repo, run_.info.run_id) is not None, run_.info.run_name
         assert [a.path for a in client(repo).list_artifacts(run_.info.run_id)] == ["confusion_matrix.png"]
@@ -178,19 +202,22 @@ def test_parallel_queued_experiments_all_land_complete_in_the_repository_databas
 
 def test_evaluate_rerun_on_a_run_cached_model_records_into_the_run_that_trained_it(repo):
     run(["dvc", "exp", "run", "-S", "epochs=3", "-n", "three-epochs"], repo)
-    three_epochs_run = train_run_id(repo)
+    [three_epochs_run] = runs_of_model(repo)
     run(["dvc", "exp", "run", "-S", "epochs=2", "-n", "back-to-two"], repo)
     # Same params as before: DVC restores train from its run-cache. Changing evaluate's code
     # makes evaluate itself rerun on that restored model.
-    with (repo / "stages/evaluate.py").open("a") as file:
-        file.write("# changed\n")
+    edit(repo / "stages/evaluate.py")
     result = run(["dvc", "exp", "run", "-S", "epochs=3", "-n", "three-again"], repo)
-    assert "Running stage 'train'" not in result.stdout
-    assert "Running stage 'evaluate'" in result.stdout
-    assert train_run_id(repo) == three_epochs_run
-    history = client(repo).get_metric_history(three_epochs_run, "test_accuracy")
+    assert stages_run(result) == ["evaluate"]
+    assert [r.info.run_id for r in runs_of_model(repo)] == [three_epochs_run.info.run_id]
+    history = client(repo).get_metric_history(three_epochs_run.info.run_id, "test_accuracy")
     assert len(history) == 2 and history[0].value == history[1].value
-    run(["git", "checkout", "stages/evaluate.py"], repo)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -233,23 +260,21 @@ def tracking_server(tmp_path):
         server.wait(timeout=30)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_repro_records_a_complete_run_on_a_tracking_server(repo, tracking_server):
     run(["dvc", "repro", "-f", "train", "evaluate"], repo, env=user_env(MLFLOW_TRACKING_URI=tracking_server))
     remote = mlflow.MlflowClient(tracking_uri=tracking_server)
-    run_ = remote.get_run(train_run_id(repo))
+    [run_] = runs_of_model(repo, remote)
     assert run_.info.status == "FINISHED"
     assert run_.data.params["epochs"] == str(yaml.safe_load((repo / "params.yaml").read_text())["epochs"])
     assert "test_accuracy" in run_.data.metrics
     assert [a.path for a in remote.list_artifacts(run_.info.run_id)] == ["confusion_matrix.png"]
     mlflow.set_tracking_uri(tracking_server)
-    model_uri = json.loads((repo / "metrics/train.json").read_text())["mlflow_model_uri"]
-    predictions = mlflow.pyfunc.load_model(model_uri).predict(np.zeros((2, 28, 28, 1), np.float32))
+    try:
+        predictions = mlflow.pyfunc.load_model(f"runs:/{run_.info.run_id}/model").predict(
+            np.zeros((2, 28, 28, 1), np.float32)
+        )
+    finally:
+        mlflow.set_tracking_uri(None)
     assert predictions.shape == (2, 10)
 
 

@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 
-from stages.cli import StageError
-from stages.mnist_data import Examples
-from stages.outputs import atomic_output, write_json
-from stages.records import encode_example, load_examples, read_framed, write_examples, write_framed
+from stages.common.dataset import Examples
+from stages.common.errors import StageError
+from stages.common.outputs import atomic_output, write_json
+from stages.common.records import encode_example, read_framed, write_examples, write_framed
+from stages.lib.input_pipeline import load_examples
 from tests.conftest import decode_example
 
 

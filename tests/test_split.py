@@ -3,11 +3,12 @@ import json
 import numpy as np
 import pytest
 
-from stages import paths
-from stages.cli import StageError
-from stages.mnist_data import Dataset, Examples
+from stages.common import paths
+from stages.common.dataset import Examples
+from stages.common.errors import StageError
+from stages.common.records import read_framed, write_examples
+from stages.lib.mnist_sources import Dataset
 from stages.prepare import prepare
-from stages.records import read_framed, write_examples
 from stages.split import split, split_indices
 from tests.conftest import decode_example
 

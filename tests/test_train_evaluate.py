@@ -2,17 +2,21 @@ import csv
 import dataclasses
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from stages import evaluate, paths, tracking
-from stages.cli import StageError, Terminated
-from stages.model import build_model
-from stages.records import write_examples
-from stages.train import HISTORY_COLUMNS, train
+from stages import evaluate
+from stages.common import paths
+from stages.common.cli import Terminated
+from stages.common.errors import StageError
+from stages.common.records import write_examples
+from stages.lib import tracking
+from stages.lib.model import build_model
+from stages.train import HISTORY_COLUMNS, save_model, train
 from tests.conftest import REAL_PARAMS, repository_params
 
 # Small and quick, with a learning rate high enough to learn the synthetic bands in two epochs.
@@ -35,24 +39,38 @@ def weights_equal(a, b):
 
 @pytest.mark.parametrize("hidden_layers, parameters", [(2, 784 * 50 + 50 + 50 * 50 + 50 + 50 * 10 + 10), (0, 7850)])
 def test_build_model_has_the_notebooks_architecture(hidden_layers, parameters):
-    model = build_model(repository_params(hidden_layers=hidden_layers, hidden_layer_size=50, learning_rate=0.005))
+    model = build_model(repository_params(hidden_layers=hidden_layers, hidden_layer_size=50))
     dense = [layer for layer in model.layers if layer.__class__.__name__ == "Dense"]
     assert len(dense) == hidden_layers + 1
     assert [layer.units for layer in dense] == [50] * hidden_layers + [10]
     assert model.count_params() == parameters
     assert model.input_shape == (None, 28, 28, 1)
-    assert float(model.optimizer.learning_rate) == pytest.approx(0.005)
+    assert not model.compiled  # compiling for training is train's job
     probabilities = model.predict(np.random.default_rng(0).random((3, 28, 28, 1)), verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
 def test_train_returns_one_row_per_epoch_and_learns(trained):
-    _, history = trained
+    model, history = trained
+    assert float(model.optimizer.learning_rate) == pytest.approx(SMALL.learning_rate)
+    assert model.steps_per_execution == 1  # saved for inference, not with training's 1000
     assert [row["epoch"] for row in history] == [1, 2]
     assert all(list(row) == list(HISTORY_COLUMNS) for row in history)
     assert all(0.0 <= row[name] <= 1.0 for row in history for name in ("accuracy", "val_accuracy"))
     assert history[1]["loss"] < history[0]["loss"]
     assert history[1]["val_accuracy"] > 0.5  # chance is 0.1: images and labels stay paired
+
+
+def test_saved_model_file_is_the_same_bytes_at_another_time_and_loads_back(trained, tmp_path):
+    import keras
+
+    model, _ = trained
+    save_model(model, tmp_path / "first.keras")
+    time.sleep(2.1)  # zip entries store the time to 2 s, Keras' metadata to 1 s
+    save_model(model, tmp_path / "second.keras")
+    assert (tmp_path / "first.keras").read_bytes() == (tmp_path / "second.keras").read_bytes()
+    assert weights_equal(keras.models.load_model(tmp_path / "second.keras"), model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.keras", "second.keras"]
 
 
 def test_validation_metrics_are_those_of_the_final_model_on_the_validation_set(trained, data):
@@ -121,24 +139,24 @@ def experiment(mlflow_root, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(mlflow_root))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    yield tracking.connect("tests"), mlflow.MlflowClient(f"sqlite:///{mlflow_root}/mlflow.db")
+    yield tracking.open_experiment("tests"), mlflow.MlflowClient(f"sqlite:///{mlflow_root}/mlflow.db")
     mlflow.set_tracking_uri(None)
 
 
-def test_connect_reuses_the_experiment_and_keeps_artifacts_beside_the_database(experiment, mlflow_root):
+def test_open_experiment_reuses_it_and_keeps_artifacts_beside_the_database(experiment, mlflow_root):
     experiment_id, client = experiment
-    assert tracking.connect("tests") == experiment_id
+    assert tracking.open_experiment("tests") == experiment_id
     assert client.get_experiment(experiment_id).name == "tests"
     assert client.get_experiment(experiment_id).artifact_location == (mlflow_root / "mlartifacts").as_uri()
 
 
-def test_connect_to_a_broken_store_is_one_line(stage_root):
+def test_opening_a_broken_store_is_one_line(stage_root):
     import mlflow
 
     (stage_root / "mlflow.db").write_text("not a database")
     try:
         with pytest.raises(StageError, match="unreachable or broken") as error:
-            tracking.connect("tests")
+            tracking.open_experiment("tests")
     finally:
         mlflow.set_tracking_uri(None)
     assert "\n" not in str(error.value)
@@ -179,42 +197,81 @@ def test_recorded_run_always_ends_with_the_matching_status(experiment, exception
         assert [m.value for m in client.get_metric_history(run_id, "loss")] == [0.5]
 
 
+def training_run(experiment_id, model_md5, evaluated=False, host=None):
+    """A finished run tagged as having trained the model with `model_md5`; its id."""
+    import mlflow
+
+    with tracking.recorded_run(experiment_id=experiment_id, tags={tracking.MODEL_TAG: model_md5}) as run:
+        if host:
+            mlflow.set_tag("process.host", host)
+        if evaluated:
+            mlflow.log_metric("test_accuracy", 0.9)
+    return run.info.run_id
+
+
+def test_no_run_trained_an_unknown_model(experiment):
+    experiment_id, _ = experiment
+    training_run(experiment_id, "a" * 32)
+    assert tracking.find_training_run(experiment_id, "b" * 32) is None
+
+
+def test_after_a_forced_rerun_the_new_unevaluated_run_is_found(experiment):
+    experiment_id, _ = experiment
+    training_run(experiment_id, "c" * 32, evaluated=True)
+    rerun = training_run(experiment_id, "c" * 32)
+    assert tracking.find_training_run(experiment_id, "c" * 32).info.run_id == rerun
+
+
+def test_of_two_unevaluated_identical_runs_this_hosts_is_found_before_a_newer_teammates(experiment):
+    experiment_id, _ = experiment
+    mine = training_run(experiment_id, "d" * 32)
+    training_run(experiment_id, "d" * 32, host="teammates-laptop")
+    assert tracking.find_training_run(experiment_id, "d" * 32).info.run_id == mine
+
+
+def test_a_run_cache_restored_model_finds_the_newest_evaluated_run_and_never_a_deleted_one(experiment):
+    experiment_id, client = experiment
+    training_run(experiment_id, "e" * 32, evaluated=True)
+    newest = training_run(experiment_id, "e" * 32, evaluated=True)
+    deleted = training_run(experiment_id, "e" * 32)
+    client.delete_run(deleted)
+    assert tracking.find_training_run(experiment_id, "e" * 32).info.run_id == newest
+
+
 def test_evaluation_is_recorded_in_the_training_run(experiment):
     experiment_id, client = experiment
-    with tracking.recorded_run(experiment_id=experiment_id) as training:
-        pass
-    matrix = evaluate.confusion_matrix(np.array([1, 2]), np.array([1, 1]))
-    recorded = evaluate.record(training.info.run_id, experiment_id, {}, {"test_accuracy": 0.5}, matrix)
-    assert recorded == training.info.run_id
-    run = client.get_run(recorded)
-    assert run.data.metrics["test_accuracy"] == 0.5
-    assert run.info.status == "FINISHED"
-    assert [a.path for a in client.list_artifacts(recorded)] == ["confusion_matrix.png"]
+    trained = training_run(experiment_id, "f" * 32)
+    with evaluate.evaluation_run(experiment_id, "f" * 32, SMALL) as run:
+        evaluate.log_evaluation({"test_accuracy": 0.5}, evaluate.confusion_matrix(np.array([1, 2]), np.array([1, 1])))
+    assert run.info.run_id == trained
+    recorded = client.get_run(trained)
+    assert recorded.data.metrics["test_accuracy"] == 0.5
+    assert recorded.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(trained)] == ["confusion_matrix.png"]
 
 
-def test_evaluation_of_a_model_from_another_store_gets_its_own_run(experiment, monkeypatch):
+@pytest.mark.parametrize(
+    "exception, status", [(StageError("corrupt test file"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
+)
+def test_a_failed_evaluation_marks_the_training_run_as_not_complete(experiment, exception, status):
+    experiment_id, client = experiment
+    trained = training_run(experiment_id, "1" * 32)
+    with pytest.raises(type(exception)), evaluate.evaluation_run(experiment_id, "1" * 32, SMALL):
+        raise exception
+    assert client.get_run(trained).info.status == status
+
+
+def test_evaluation_of_a_model_no_run_here_trained_gets_its_own_run(experiment, monkeypatch):
     experiment_id, client = experiment
     monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
-    missing = "0" * 32
-    matrix = evaluate.confusion_matrix(np.array([3]), np.array([3]))
-    recorded = evaluate.record(missing, experiment_id, {"epochs": 3}, {"test_accuracy": 1.0}, matrix)
-    run = client.get_run(recorded)
-    assert recorded != missing
-    assert run.info.run_name == "exp-a-evaluate"
-    assert run.data.tags["model.trained_in_run"] == missing
-    assert run.data.params == {"epochs": "3"}
-    assert run.data.metrics["test_accuracy"] == 1.0
-
-
-def test_a_deleted_training_run_is_not_reopened(experiment):
-    experiment_id, client = experiment
-    with tracking.recorded_run(experiment_id=experiment_id) as training:
-        pass
-    client.delete_run(training.info.run_id)
-    matrix = evaluate.confusion_matrix(np.array([3]), np.array([3]))
-    recorded = evaluate.record(training.info.run_id, experiment_id, {}, {"test_accuracy": 1.0}, matrix)
-    assert recorded != training.info.run_id
-    assert client.get_run(recorded).data.tags["model.trained_in_run"] == training.info.run_id
+    with evaluate.evaluation_run(experiment_id, "9" * 32, SMALL) as run:
+        evaluate.log_evaluation({"test_accuracy": 1.0}, evaluate.confusion_matrix(np.array([3]), np.array([3])))
+    recorded = client.get_run(run.info.run_id)
+    assert recorded.info.run_name == "exp-a-evaluate"
+    assert recorded.data.tags[tracking.EVALUATED_MODEL_TAG] == "9" * 32
+    assert tracking.MODEL_TAG not in recorded.data.tags  # so it is never taken for a training run
+    assert recorded.data.params["epochs"] == str(SMALL.epochs)
+    assert recorded.data.metrics["test_accuracy"] == 1.0
 
 
 def test_connect_to_a_deleted_experiment_says_how_to_restore_it(experiment):
@@ -222,7 +279,7 @@ def test_connect_to_a_deleted_experiment_says_how_to_restore_it(experiment):
     doomed = client.create_experiment("deleted-in-the-ui")
     client.delete_experiment(doomed)
     with pytest.raises(StageError, match=f"'deleted-in-the-ui' is deleted .* --experiment-id {doomed}"):
-        tracking.connect("deleted-in-the-ui")
+        tracking.open_experiment("deleted-in-the-ui")
 
 
 # --- The train and evaluate stages end to end on synthetic records, with MLflow ---
@@ -260,7 +317,11 @@ def pipeline_mlflow(pipeline, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    yield root, params, test, client, client.get_run(read_json(root / paths.TRAIN_METRICS)["mlflow_run_id"])
+    [run] = client.search_runs(
+        [client.get_experiment_by_name(params["mlflow_experiment"]).experiment_id],
+        filter_string=f"tags.`{tracking.MODEL_TAG}` = '{tracking.md5(root / paths.MODEL)}'",
+    )
+    yield root, params, test, client, run
     mlflow.set_tracking_uri(None)
 
 
@@ -321,16 +382,17 @@ def test_logged_mlflow_model_predicts_like_the_saved_keras_model(pipeline_mlflow
     import keras
     import mlflow
 
-    root, _, test, _, _ = pipeline_mlflow
+    root, _, test, _, run = pipeline_mlflow
     inputs = test.images[:20].astype(np.float32) / 255.0
-    logged = mlflow.pyfunc.load_model(read_json(root / paths.TRAIN_METRICS)["mlflow_model_uri"])
+    logged = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     saved = keras.models.load_model(root / paths.MODEL)
     np.testing.assert_allclose(np.asarray(logged.predict(inputs)), saved.predict(inputs, verbose=0), rtol=1e-5)
 
 
-def test_evaluate_without_a_training_run_fails_in_one_line(tmp_path, run_stage_in):
+def test_evaluate_without_a_model_fails_in_one_line_and_records_nothing(tmp_path, run_stage_in):
     (tmp_path / "params.yaml").write_text(REAL_PARAMS.read_text())
     result = run_stage_in("evaluate", tmp_path)
     assert result.returncode == 1
     [line] = result.stderr.splitlines()
-    assert line.startswith("evaluate: error: metrics/train.json: cannot read the training run's mlflow_run_id")
+    assert line == "evaluate: error: models/model.keras: file not found (run `dvc repro train` to create it)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

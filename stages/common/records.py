@@ -3,8 +3,7 @@
 Each record holds one image as raw uint8 bytes (feature `image`, 784 bytes) and its
 label (feature `label`, int64). The writer and the framing reader are plain Python
 (with google-crc32c for the checksums) so that the data stages need not import
-TensorFlow, which costs seconds; `load_examples` is TensorFlow's own reader,
-used by the stages that train and evaluate.
+TensorFlow, which costs seconds; TensorFlow's own reader is in lib/input_pipeline.py.
 """
 
 from __future__ import annotations
@@ -12,20 +11,16 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import google_crc32c
 import numpy as np
 
-from stages.cli import StageError, first_line
-from stages.mnist_data import IMAGE_SHAPE, Examples
-from stages.outputs import atomic_output
-
-if TYPE_CHECKING:
-    import tensorflow as tf
+from stages.common.dataset import IMAGE_SHAPE, Examples
+from stages.common.errors import StageError
+from stages.common.outputs import atomic_output
 
 IMAGE_BYTES = int(np.prod(IMAGE_SHAPE))
-EVAL_BATCH_SIZE = 1000  # validation and test batches: larger is faster and does not change the result
+FRAMING_BYTES = 16  # per record besides its data: 8-byte length, two 4-byte checksums
 
 
 def _masked_crc(data: bytes) -> int:
@@ -60,7 +55,7 @@ def encode_example(image: bytes, label: int) -> bytes:
 
 
 def _frame_record(data: bytes) -> bytes:
-    """One TFRecord: length, its masked CRC-32C, the data, and its masked CRC-32C."""
+    """One TFRecord (FRAMING_BYTES longer than `data`): length, its masked CRC-32C, the data, and its masked CRC-32C."""
     length = struct.pack("<Q", len(data))
     return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
 
@@ -111,53 +106,3 @@ def read_framed(path: Path) -> list[bytes]:
         records.append(record)
         position = end + 4
     return records
-
-
-def load_examples(path: Path) -> Examples:
-    """Read a TFRecord file of Examples with TensorFlow (batched parsing) into uint8 arrays."""
-    import tensorflow as tf
-
-    feature_spec = {
-        "image": tf.io.FixedLenFeature([], tf.string),
-        "label": tf.io.FixedLenFeature([], tf.int64),
-    }
-
-    def parse_batch(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        parsed = tf.io.parse_example(serialized, feature_spec)
-        images = tf.io.decode_raw(parsed["image"], tf.uint8, fixed_length=IMAGE_BYTES)
-        # Each record takes 16 bytes of framing besides its data: used to detect a cut-off header.
-        framed_bytes = tf.reduce_sum(tf.strings.length(serialized, unit="BYTE") + 16)
-        return tf.reshape(images, (-1, *IMAGE_SHAPE)), tf.cast(parsed["label"], tf.uint8), framed_bytes
-
-    if not Path(path).is_file():
-        raise StageError(f"{path}: file not found (run `dvc repro` to create it)")
-    dataset = tf.data.TFRecordDataset(str(path)).batch(10_000).map(parse_batch)
-    try:
-        batches = [(images.numpy(), labels.numpy(), int(size)) for images, labels, size in dataset]
-    except tf.errors.OpError as exc:
-        raise StageError(f"{path}: not a valid TFRecord file of MNIST examples: {first_line(exc)}") from exc
-    if not batches:
-        raise StageError(f"{path}: contains no records")
-    # TensorFlow silently drops a last record cut off inside its 12-byte header.
-    read_bytes, file_bytes = sum(b[2] for b in batches), Path(path).stat().st_size
-    if read_bytes != file_bytes:
-        raise StageError(f"{path}: truncated: {file_bytes - read_bytes} bytes after the last complete record")
-    return Examples(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
-
-
-def scaled(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """uint8 pixels -> float32 in [0, 1], in the input pipeline (records keep raw bytes)."""
-    import tensorflow as tf
-
-    return tf.cast(images, tf.float32) / 255.0, tf.cast(labels, tf.int64)
-
-
-def evaluation_dataset(examples: Examples) -> tf.data.Dataset:
-    import tensorflow as tf
-
-    return (
-        tf.data.Dataset.from_tensor_slices((examples.images, examples.labels))
-        .batch(EVAL_BATCH_SIZE)
-        .map(scaled)
-        .cache()
-    )

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from stages.cli import StageError, first_line
+from stages.common.errors import StageError, first_line
 
 PARAMS_FILE = Path("params.yaml")
 SOURCES = ("idx", "tfds")

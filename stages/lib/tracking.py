@@ -1,15 +1,20 @@
-"""MLflow helpers: where runs are recorded, how a stage's run is opened and always closed.
+"""MLflow helpers: where runs are recorded, how a stage's run is opened and always closed, and which
+run trained a given model file.
 
 Default store: `mlflow.db` (SQLite) at the repository root, artifacts in `mlartifacts/`.
 DVC sets DVC_ROOT to the parent repository also for `dvc exp run --queue/--temp`, whose
 stages run in a temporary copy, so their runs land in the same database.
 MLFLOW_TRACKING_URI, when set, wins (a team's tracking server).
+
+Runs are linked to what they produced by content, not by ids in DVC's outputs: a training run is
+tagged with the MD5 of the model file it wrote (`model.md5`, the hash DVC records in dvc.lock).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import os
 import socket
 import subprocess
@@ -17,7 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.cli import StageError, Terminated, first_line
+from stages.common.cli import Terminated
+from stages.common.errors import StageError, first_line
 
 if TYPE_CHECKING:
     import mlflow
@@ -28,6 +34,9 @@ ARTIFACTS_DIR = "mlartifacts"
 # While connecting: fail within seconds, not minutes, when a tracking server is down. Later
 # calls keep MLflow's retries, so a hiccup does not throw away a finished training run.
 CONNECT_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+MODEL_TAG = "model.md5"  # on the run that trained the model
+EVALUATED_MODEL_TAG = "evaluated_model.md5"  # on a run that only evaluated it (no training run in the store)
 
 
 def repo_root() -> Path:
@@ -65,7 +74,12 @@ def git_commit() -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def connect(experiment_name: str) -> str:
+def md5(path: Path) -> str:
+    """The file's MD5, as DVC records it in dvc.lock, so a run can be matched to its data and model."""
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def open_experiment(experiment_name: str) -> str:
     """Point MLflow at the tracking store and return the experiment's id, creating it if needed."""
     import mlflow
 
@@ -93,8 +107,6 @@ def connect(experiment_name: str) -> str:
             f"MLflow experiment '{experiment_name}' is deleted in {uri}: restore it "
             f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or change mlflow_experiment"
         )
-    for run_id in close_orphaned_runs(experiment.experiment_id):
-        print(f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED", flush=True)
     return experiment.experiment_id
 
 
@@ -110,14 +122,26 @@ def _settings_unless_set(settings: dict[str, str]) -> Iterator[None]:
             os.environ.pop(name, None)
 
 
-def run_exists(run_id: str) -> bool:
-    """Whether the run is in the store and not deleted."""
+def find_training_run(experiment_id: str, model_md5: str) -> mlflow.entities.Run | None:
+    """The run that trained the model file with this MD5, or None if no run in the store did.
+
+    Several runs carry the same MD5 after a forced rerun or when a teammate trained the same
+    params on the same data. Then the one chosen is, in this order: a run not yet evaluated (no
+    `test_accuracy`), one whose stage ran on this host, the newest. A model restored from DVC's
+    run-cache was trained by an earlier, already evaluated run: the newest of those.
+    """
     import mlflow
 
-    try:
-        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage != "deleted"
-    except mlflow.exceptions.MlflowException:
-        return False
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{MODEL_TAG}` = '{model_md5}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    host = socket.gethostname()
+    ranked = sorted(
+        runs, key=lambda run: ("test_accuracy" in run.data.metrics, run.data.tags.get("process.host") != host)
+    )
+    return ranked[0] if ranked else None
 
 
 def _owner_tags() -> dict[str, str]:
@@ -155,13 +179,15 @@ def close_orphaned_runs(experiment_id: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def recorded_run(run_id: str | None = None, **start_run_args: Any) -> Iterator[mlflow.ActiveRun]:
+def recorded_run(
+    run_id: str | None = None, tags: dict[str, str] | None = None, **start_run_args: Any
+) -> Iterator[mlflow.ActiveRun]:
     """Start a run (or reopen `run_id`) that always ends: FINISHED, FAILED, or KILLED on SIGINT/SIGTERM."""
     import mlflow
 
     try:
         if run_id is None:
-            run = mlflow.start_run(tags=_owner_tags(), **start_run_args)
+            run = mlflow.start_run(tags={**_owner_tags(), **(tags or {})}, **start_run_args)
         else:
             # Claim the run before it shows as RUNNING again, so close_orphaned_runs leaves it alone.
             for key, value in _owner_tags().items():

@@ -13,11 +13,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from stages.cli import StageError, first_line
+from stages.common.dataset import IMAGE_SHAPE, NUM_CLASSES, Examples
+from stages.common.errors import StageError, first_line
 
 RAW_DIR = Path("data/raw/mnist")
-IMAGE_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
 
 # SHA-256 of the official, uncompressed files (see data/raw/mnist/README.md).
 PINNED_SHA256 = {
@@ -30,11 +29,6 @@ IDX_PREFIXES = {"train": "train", "test": "t10k"}  # split -> file name prefix
 
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
-
-
-class Examples(NamedTuple):
-    images: np.ndarray  # uint8, (N, 28, 28, 1)
-    labels: np.ndarray  # uint8, (N,)
 
 
 class Dataset(NamedTuple):
@@ -110,7 +104,7 @@ def load_idx(raw_dir: Path = RAW_DIR, expected_sha256: dict[str, str] = PINNED_S
 
 def load_tfds(data_dir: str | None) -> Dataset:
     """`tfds.load('mnist', as_supervised=True)`, as the notebook does; downloads if not cached."""
-    from stages import import_tensorflow
+    from stages.common.cli import import_tensorflow
 
     import_tensorflow()  # tfds imports it: silence its banner here too
     import tensorflow_datasets as tfds

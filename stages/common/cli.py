@@ -1,4 +1,4 @@
-"""The thin command-line layer every stage shares: one-line errors, exit codes, signals."""
+"""The thin command-line layer every stage shares: one-line errors, exit codes, signals, quiet TensorFlow."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from types import FrameType
+from types import FrameType, ModuleType
 
+from stages.common.errors import StageError
 
-class StageError(Exception):
-    """A problem the user can fix (bad parameter, missing or corrupt file); printed as one line."""
+# TensorFlow's C++ logs (oneDNN notices, CUDA probing on CPU-only machines) are noise in
+# stage logs; real failures still surface as Python exceptions. Set it to 0 to see them.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 class Terminated(BaseException):
@@ -60,10 +62,18 @@ def stop_requested() -> bool:
     return _held_signal is not None
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception's message cut to its first line (libraries' messages run to pages)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def import_tensorflow() -> ModuleType:
+    """Import TensorFlow with the C++ banner it prints on import silenced (it ignores the setting above)."""
+    saved_stderr = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow
+    finally:
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+        os.close(devnull)
+    return tensorflow
 
 
 def log(stage: str, message: str) -> None:
