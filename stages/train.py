@@ -7,7 +7,7 @@ import json
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stages.common import paths
 from stages.common.cli import Timer, import_tensorflow, log, run_stage, signals_held, stop_requested
@@ -92,8 +92,9 @@ def train(
 def save_model(model: keras.Model, path: Path) -> None:
     """Save as .keras, atomically, with the save time pinned: the file is a function of the model alone.
 
-    Keras writes the time into metadata.json (`date_saved`) and into every zip entry's header;
-    the entries' contents are otherwise identical for identical weights.
+    Keras writes the time into metadata.json (`date_saved`) and into every zip entry's header,
+    and numbers objects shared between layers by their memory address in config.json; the
+    entries' contents are otherwise identical for identical weights.
     """
     with atomic_output(path) as temporary:
         model.save(temporary)
@@ -103,9 +104,30 @@ def save_model(model: keras.Model, path: Path) -> None:
             for entry, content in entries:
                 if entry.filename == "metadata.json":
                     content = json.dumps({**json.loads(content), "date_saved": FIXED_DATE_SAVED}).encode()
+                elif entry.filename == "config.json":
+                    content = json.dumps(_renumber_shared_objects(json.loads(content))).encode()
                 fixed = zipfile.ZipInfo(entry.filename, date_time=FIXED_ZIP_TIME)
                 fixed.compress_type, fixed.external_attr = entry.compress_type, entry.external_attr
                 pinned.writestr(fixed, content)
+
+
+def _renumber_shared_objects(config: Any) -> Any:
+    """The model config with each `shared_object_id` (a memory address) replaced by 1, 2, ... in
+    order of appearance: the ids only pair up the references to one object within the file."""
+    numbers: dict[int, int] = {}
+
+    def renumber(node: Any) -> None:
+        if isinstance(node, dict):
+            if "shared_object_id" in node:
+                node["shared_object_id"] = numbers.setdefault(node["shared_object_id"], len(numbers) + 1)
+            for value in node.values():
+                renumber(value)
+        elif isinstance(node, list):
+            for value in node:
+                renumber(value)
+
+    renumber(config)
+    return config
 
 
 def write_history(path: Path, rows: list[dict[str, float]]) -> None:

@@ -163,6 +163,9 @@ def test_experiment_reruns_only_training_and_leaves_a_run_named_after_it(repo):
     assert run_.data.tags["dvc.experiment"] == "two-epochs"
     assert run_.info.status == "FINISHED"
     assert len(client(repo).get_metric_history(run_.info.run_id, "val_accuracy")) == 2
+    # One step from the experiment to its run: the model file's MD5 that DVC records.
+    [row] = run(["python", "-m", "stages.runs", "two-epochs"], repo).stdout.splitlines()[2:]
+    assert row.split()[:4] == ["two-epochs", md5(repo / "models/model.keras")[:8], run_.info.run_id, "FINISHED"]
     shown = experiments_shown(repo)
     assert shown["two-epochs"]["metrics/evaluate.json"]["data"]["test_accuracy"] == run_.data.metrics["test_accuracy"]
 

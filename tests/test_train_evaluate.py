@@ -2,7 +2,9 @@ import csv
 import dataclasses
 import hashlib
 import json
+import re
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,10 @@ def test_saved_model_file_is_the_same_bytes_at_another_time_and_loads_back(train
     time.sleep(2.1)  # zip entries store the time to 2 s, Keras' metadata to 1 s
     save_model(model, tmp_path / "second.keras")
     assert (tmp_path / "first.keras").read_bytes() == (tmp_path / "second.keras").read_bytes()
+    # Keras numbers shared objects by memory address, which differs between processes.
+    with zipfile.ZipFile(tmp_path / "first.keras") as saved:
+        config = saved.read("config.json").decode()
+    assert re.findall(r'"shared_object_id": (\d+)', config)[0] == "1"
     assert weights_equal(keras.models.load_model(tmp_path / "second.keras"), model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first.keras", "second.keras"]
 

@@ -90,18 +90,30 @@ class Timer:
         return f"{time.perf_counter() - self.start:.1f} s"
 
 
-def run_stage(name: str, description: str, main: Callable[[], None], argv: list[str] | None = None) -> None:
-    """Parse `--help`, run `main`, and turn failures into one line and a non-zero exit.
+def run_stage(
+    name: str,
+    description: str,
+    main: Callable[..., None],
+    argv: list[str] | None = None,
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> None:
+    """Parse the command line (`--help`; whatever `arguments` adds, passed to `main` by name), run
+    `main`, and turn failures into one line and a non-zero exit.
 
     On success the process ends here, without the interpreter's teardown: with TensorFlow and
     MLflow loaded that takes about 2 s, and by now every output is written and closed and the
     MLflow run ended.
     """
-    argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description).parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.{name}", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    if arguments is not None:
+        arguments(parser)
+    parsed = vars(parser.parse_args(argv))
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
-        main()
+        main(**parsed)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

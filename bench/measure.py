@@ -1,0 +1,226 @@
+"""What the benchmark measures (every figure `--repeats` times; table of median / min / max; same as JSON):
+
+1. notebook loop: the notebook's tf.data + Keras code as written, on the committed MNIST arrays
+   (tfds cannot download here); per-epoch times from a Keras callback, and test accuracy.
+2. pipeline train: `stages.train.train` on the split records, `stages.evaluate.evaluate` on the
+   test records, same hyperparameters; same callback.
+3. notebook script: wall time of the whole process of 1 (imports, data, fit, evaluate, print).
+   Figures 1 and 3 come from the same processes: the callback costs nothing measurable.
+4. cold `dvc repro`: all four stages, outputs and every DVC cache removed first.
+5. `dvc exp run -S epochs=10` with the data stages up to date, against the notebook script
+   with NUM_EPOCHS = 10. `dvc exp run` has no `--no-run-cache`, and a new seed would also
+   rerun `split`; so the run cache (.dvc/cache/runs) is deleted before each repetition, and the
+   command timed is exactly `dvc exp run -S epochs=10`.
+6. no-op `dvc repro` (everything up to date); one extra in-process run checks that it imports
+   no TensorFlow.
+7. peak memory (max RSS, from os.wait4) and wall time of each stage, run as `python -m stages.<name>`.
+
+DVC only ever runs in a throwaway git copy of the repository (its tracked and new, not ignored,
+files, made as for the end-to-end tests: tests/e2e.py), never in the repository itself; MLflow
+records into that copy's mlflow.db.
+Each repetition of 1 and 2 is a fresh process: bench/run.py calls itself with `--worker`
+(bench/workers.py).
+Every subprocess's output is kept in `<out without .json>-logs/`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from bench.workers import RESULT_MARK
+from tests.e2e import REPO as REPO_ROOT
+from tests.e2e import clone_repository, run, user_env
+
+BENCH_SCRIPT = Path(__file__).resolve().with_name("run.py")  # what a worker process runs
+STAGES = ("prepare", "split", "train", "evaluate")
+
+
+class BenchError(Exception):
+    """A measurement could not be taken (a command failed or did something unexpected)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Running commands
+# --------------------------------------------------------------------------------------------
+
+
+class Measured(NamedTuple):
+    seconds: float
+    max_rss_mib: float  # of the process or any of its descendants
+    output: str  # stdout and stderr together
+
+
+class Runner:
+    """Runs commands with wall time and max RSS measured, keeping each one's output in a log folder."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        # The venv first on PATH, and nothing that would redirect MLflow or DVC.
+        self.env = user_env(DVC_NO_ANALYTICS="1")
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def run(self, command: list[str], cwd: Path, log_name: str) -> Measured:
+        with tempfile.TemporaryFile() as output:
+            start = time.perf_counter()
+            process = subprocess.Popen(command, cwd=cwd, env=self.env, stdout=output, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(process.pid, 0)  # unlike wait(), gives this child's resource usage
+            seconds = time.perf_counter() - start
+            process.returncode = os.waitstatus_to_exitcode(status)
+            output.seek(0)
+            text = output.read().decode(errors="replace")
+        (self.log_dir / f"{log_name}.log").write_text(f"$ {' '.join(command)}  (in {cwd})\n{text}")
+        if process.returncode != 0:
+            tail = "\n".join(text.splitlines()[-30:])
+            raise BenchError(f"`{' '.join(command)}` in {cwd} exited with {process.returncode}:\n{tail}")
+        return Measured(seconds, usage.ru_maxrss / 1024, text)  # ru_maxrss is in KiB on Linux
+
+    def worker(self, name: str, cwd: Path, log_name: str, epochs: int = 5) -> tuple[Measured, dict[str, Any]]:
+        """Run bench/run.py in worker mode in a fresh process; return the measurement and its result."""
+        command = [sys.executable, str(BENCH_SCRIPT), "--worker", name, "--epochs", str(epochs)]
+        measured = self.run(command, cwd, log_name)
+        for line in reversed(measured.output.splitlines()):
+            if line.startswith(RESULT_MARK):
+                return measured, json.loads(line[len(RESULT_MARK) :])
+        raise BenchError(f"worker {name} printed no result line (see {self.log_dir / log_name}.log)")
+
+
+def git(repo: Path, *args: str) -> None:
+    try:
+        run(["git", *args], repo)
+    except AssertionError as exc:  # how tests/e2e.py reports a failed command
+        raise BenchError(str(exc)) from exc
+
+
+def stages_run(output: str) -> list[str]:
+    """Names of the stages DVC ran, from its "Running stage 'name':" lines."""
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+# --------------------------------------------------------------------------------------------
+# The throwaway repository DVC runs in
+# --------------------------------------------------------------------------------------------
+
+
+def dvc_site_cache_dir(copy: Path) -> Path:
+    """Where DVC keeps this repository's file-hash state and data index (outside the repository)."""
+    from dvc.repo import Repo
+
+    with Repo(str(copy)) as repo:
+        return Path(repo.site_cache_dir)
+
+
+def make_cold(copy: Path, site_cache_dir: Path) -> None:
+    """Remove every output, dvc.lock, DVC's caches (objects, run cache, hash state) and the MLflow store."""
+    removable = ["data/prepared", "data/split", "models", "metrics", ".dvc/cache", ".dvc/tmp", "mlartifacts", "mlruns"]
+    for name in removable:
+        shutil.rmtree(copy / name, ignore_errors=True)
+    for name in ["dvc.lock", "mlflow.db"]:
+        (copy / name).unlink(missing_ok=True)
+    shutil.rmtree(site_cache_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The measurement sequence
+# --------------------------------------------------------------------------------------------
+
+
+def progress(message: str) -> None:
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
+
+
+def record_training(samples: dict[str, list[float]], prefix: str, result: dict[str, Any]) -> None:
+    epochs = result["epoch_seconds"]
+    samples[f"{prefix}_first_epoch_s"].append(epochs[0])
+    samples[f"{prefix}_epoch_s"].append(statistics.median(epochs[1:]))
+    samples[f"{prefix}_test_accuracy"].append(100 * result["test_accuracy"])
+
+
+def measure(repeats: int, runner: Runner, keep_copy: bool) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Take every measurement `repeats` times; return the samples and facts observed on the way."""
+    samples: dict[str, list[float]] = defaultdict(list)
+    facts: dict[str, Any] = {}
+    dvc = shutil.which("dvc", path=runner.env["PATH"])
+    python = shutil.which("python", path=runner.env["PATH"])
+    if dvc is None or python is None:
+        raise BenchError("dvc or python not found on PATH (run with the virtualenv's python)")
+    copy = clone_repository(Path(tempfile.mkdtemp(prefix="mnist-bench-")))
+    site_cache_dir = dvc_site_cache_dir(copy)
+    progress(f"repository copy for DVC: {copy}")
+    try:
+        for rep in range(1, repeats + 1):
+            make_cold(copy, site_cache_dir)
+            cold = runner.run([dvc, "repro"], copy, f"dvc-repro-cold-{rep}")
+            if stages_run(cold.output) != list(STAGES):
+                raise BenchError(f"cold dvc repro ran {stages_run(cold.output)}, expected all of {STAGES}")
+            samples["dvc_repro_cold_s"].append(cold.seconds)
+            samples["dvc_repro_cold_rss_mib"].append(cold.max_rss_mib)
+            progress(f"cold dvc repro {rep}/{repeats}: {cold.seconds:.1f} s")
+
+        for rep in range(1, repeats + 1):
+            noop = runner.run([dvc, "repro"], copy, f"dvc-repro-noop-{rep}")
+            if stages_run(noop.output):
+                raise BenchError(f"no-op dvc repro ran stages {stages_run(noop.output)}")
+            samples["dvc_repro_noop_s"].append(noop.seconds)
+            progress(f"no-op dvc repro {rep}/{repeats}: {noop.seconds:.2f} s")
+        _, imports = runner.worker("dvc-imports", copy, "dvc-repro-noop-imports")
+        facts["noop_dvc_repro_imported_tensorflow"] = imports["tensorflow_imported"]
+        progress(f"no-op dvc repro imported tensorflow: {imports['tensorflow_imported']}")
+        git(copy, "add", "-A")
+        git(copy, "commit", "-q", "-m", "bench: pipeline outputs (baseline for dvc exp run)")
+
+        # Notebook and pipeline alternate, so that load from elsewhere hits both alike.
+        for rep in range(1, repeats + 1):
+            script, result = runner.worker("notebook", REPO_ROOT, f"notebook-5-epochs-{rep}")
+            record_training(samples, "notebook", result)
+            samples["notebook_script_s"].append(script.seconds)
+            for phase in ("import", "load", "fit", "evaluate"):
+                samples[f"notebook_{phase}_s"].append(result[f"{phase}_s"])
+            progress(f"notebook 5 epochs {rep}/{repeats}: {script.seconds:.1f} s, epochs {_rounded(result)}")
+            pipeline, result = runner.worker("pipeline-train", copy, f"pipeline-train-{rep}")
+            record_training(samples, "pipeline", result)
+            progress(f"pipeline train {rep}/{repeats}: {pipeline.seconds:.1f} s, epochs {_rounded(result)}")
+            _, result = runner.worker("pipeline-train-nondeterministic", copy, f"pipeline-train-nondet-{rep}")
+            record_training(samples, "nondeterministic", result)
+            progress(f"pipeline train, op determinism off {rep}/{repeats}: epochs {_rounded(result)}")
+
+        for rep in range(1, repeats + 1):
+            script, _ = runner.worker("notebook", REPO_ROOT, f"notebook-10-epochs-{rep}", epochs=10)
+            samples["notebook_script_10_s"].append(script.seconds)
+            progress(f"notebook 10 epochs {rep}/{repeats}: {script.seconds:.1f} s")
+            git(copy, "checkout", "-q", "HEAD", "--", ".")  # back to the baseline's params.yaml and dvc.lock
+            shutil.rmtree(copy / ".dvc" / "cache" / "runs", ignore_errors=True)
+            experiment = runner.run([dvc, "exp", "run", "-S", "epochs=10"], copy, f"dvc-exp-run-10-epochs-{rep}")
+            if stages_run(experiment.output) != ["train", "evaluate"]:
+                raise BenchError(f"dvc exp run ran {stages_run(experiment.output)}, expected train and evaluate")
+            samples["dvc_exp_run_10_s"].append(experiment.seconds)
+            progress(f"dvc exp run -S epochs=10 {rep}/{repeats}: {experiment.seconds:.1f} s")
+
+        git(copy, "checkout", "-q", "HEAD", "--", ".")
+        for rep in range(1, repeats + 1):
+            for name in STAGES:
+                stage = runner.run([python, "-m", f"stages.{name}"], copy, f"stage-{name}-{rep}")
+                samples[f"stage_{name}_s"].append(stage.seconds)
+                samples[f"stage_{name}_rss_mib"].append(stage.max_rss_mib)
+                progress(f"stage {name} {rep}/{repeats}: {stage.seconds:.1f} s, {stage.max_rss_mib:.0f} MiB")
+    finally:
+        if keep_copy:
+            progress(f"kept the repository copy: {copy}")
+        else:
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.rmtree(site_cache_dir, ignore_errors=True)
+    return samples, facts
+
+
+def _rounded(result: dict[str, Any]) -> str:
+    return " ".join(f"{s:.2f}" for s in result["epoch_seconds"]) + f" s, test accuracy {result['test_accuracy']:.4f}"

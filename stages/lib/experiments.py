@@ -1,0 +1,43 @@
+"""DVC experiments as `dvc exp show --json` reports them: name, params, metrics, and the model file's MD5
+by which tracking.find_training_run finds the MLflow run that trained it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from stages.common import paths
+from stages.common.errors import StageError, first_line
+
+
+class Experiment(NamedTuple):
+    name: str  # "workspace", the baseline's branch or commit, or the DVC experiment's name
+    rev: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]  # every metrics file's keys, merged
+    model_md5: str | None  # None where the row has no model (an experiment that failed)
+
+
+def _row(name: str, rev: str, data: dict[str, Any]) -> Experiment:
+    params = {k: v for file in (data.get("params") or {}).values() for k, v in (file.get("data") or {}).items()}
+    metrics = {k: v for file in (data.get("metrics") or {}).values() for k, v in (file.get("data") or {}).items()}
+    model = (data.get("deps") or {}).get(str(paths.MODEL)) or {}
+    return Experiment(name, rev, params, metrics, model.get("hash"))
+
+
+def list_experiments(repo: Path = Path()) -> list[Experiment]:
+    """The workspace, the baseline commit and every experiment of it, as `dvc exp show` lists them."""
+    result = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise StageError(f"`dvc exp show --json` failed: {first_line(Exception(result.stderr))}")
+    rows = []
+    for baseline in json.loads(result.stdout):
+        name = baseline.get("name") or ("workspace" if baseline["rev"] == "workspace" else baseline["rev"][:7])
+        rows.append(_row(name, baseline["rev"], baseline["data"]))
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment.get("revs") or []:
+                if rev.get("data"):
+                    rows.append(_row(experiment.get("name") or rev["rev"][:7], rev["rev"], rev["data"]))
+    return rows

@@ -1,0 +1,44 @@
+"""runs: the MLflow run that trained the model of the workspace and of each DVC experiment (not a stage).
+
+Usage: python -m stages.runs [NAME ...]   (names as `dvc exp show` gives them; default: every row)
+The link is the model file's MD5, which DVC records and the training run carries as tag model.md5.
+"""
+
+from __future__ import annotations
+
+from stages.common.cli import run_stage
+from stages.common.errors import StageError
+from stages.common.params import load_params
+from stages.lib import tracking
+from stages.lib.experiments import list_experiments
+
+
+def main(names: list[str]) -> None:
+    experiments = list_experiments()
+    unknown = sorted(set(names) - {e.name for e in experiments})
+    if unknown:
+        raise StageError(f"no such experiment: {', '.join(unknown)} (see `dvc exp show`)")
+    experiment_id = tracking.open_experiment(load_params().mlflow_experiment)
+    print(f"MLflow runs in {tracking.tracking_uri()}, experiment id {experiment_id}")
+    print(f"{'experiment':<20} {'model md5':<10} {'MLflow run':<33} {'status':<9} {'test_acc':>8}  run name")
+    for experiment in experiments:
+        if names and experiment.name not in names:
+            continue
+        run = tracking.find_training_run(experiment_id, experiment.model_md5) if experiment.model_md5 else None
+        md5 = (experiment.model_md5 or "-")[:8]
+        if run is None:
+            print(f"{experiment.name:<20} {md5:<10} {'(no run in this store)':<33}")
+            continue
+        accuracy = run.data.metrics.get("test_accuracy")
+        shown = f"{accuracy:.4f}" if accuracy is not None else "-"
+        row = f"{experiment.name:<20} {md5:<10} {run.info.run_id:<33} {run.info.status:<9} {shown:>8}"
+        print(f"{row}  {run.info.run_name}")
+
+
+if __name__ == "__main__":
+    run_stage(
+        "runs",
+        __doc__,
+        main,
+        arguments=lambda parser: parser.add_argument("names", nargs="*", help="experiments (default: all)"),
+    )
