@@ -19,7 +19,7 @@ from stages.common.errors import StageError, first_line
 from stages.common.outputs import atomic_output, write_json
 from stages.common.params import Params, load_params
 from stages.lib import tracking
-from stages.lib.input_pipeline import evaluation_dataset, load_examples
+from stages.lib.input_pipeline import evaluation_dataset, load_examples, recorded_count
 
 if TYPE_CHECKING:
     import keras
@@ -150,7 +150,7 @@ def main() -> None:
     with evaluation_run(experiment_id, model_md5, params) as run:
         with signals_held():
             model = load_model(paths.MODEL)
-            test = load_examples(paths.PREPARED_TEST)
+            test = load_examples(paths.PREPARED_TEST, recorded_count(paths.PREPARED_SUMMARY, "test", "count"))
             results = evaluate(model, test)
         matrix = confusion_matrix(test.labels, results["predictions"])
         per_class = per_class_metrics(matrix)

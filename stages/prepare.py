@@ -14,7 +14,7 @@ from stages.lib.mnist_sources import Dataset, load_idx, load_tfds
 
 
 def load_source(params: Params) -> Dataset:
-    return load_idx() if params.source == "idx" else load_tfds(params.tfds_data_dir)
+    return load_idx() if params.source == "idx" else load_tfds(params.tfds_data_dir or None)
 
 
 def describe(examples: Examples) -> dict:

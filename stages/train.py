@@ -15,7 +15,7 @@ from stages.common.dataset import Examples
 from stages.common.outputs import atomic_output, write_json
 from stages.common.params import Params, load_params
 from stages.lib import tracking
-from stages.lib.input_pipeline import evaluation_dataset, load_examples, training_dataset
+from stages.lib.input_pipeline import evaluation_dataset, load_examples, recorded_count, training_dataset
 from stages.lib.model import build_model
 
 if TYPE_CHECKING:
@@ -145,31 +145,26 @@ def log_epoch(epoch: int, logs: dict[str, float]) -> None:
     mlflow.log_metrics(metrics, step=epoch + 1, synchronous=False)
 
 
-def log_model(model: keras.Model, examples: Examples) -> None:
-    """Log the Keras model as an MLflow model with signature and input example."""
+def log_model(model: keras.Model, saved: Path, examples: Examples) -> None:
+    """Log the saved model file as an MLflow model (stages/lib/served_model.py) with signature and input example."""
     import keras
     import mlflow
     import tensorflow as tf
 
     example = (examples.images[:5] / 255.0).astype("float32")
-    signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
-    # MLflow predicts on the input example with Keras' progress bar on; keep it out of the log.
-    keras.utils.disable_interactive_logging()
-    try:
-        mlflow.tensorflow.log_model(
-            model,
-            name="model",
-            signature=signature,
-            input_example=example,
-            # Given explicitly: inferring them would load the model again in a subprocess (seconds).
-            pip_requirements=[
-                f"tensorflow=={tf.__version__}",
-                f"keras=={keras.__version__}",
-                f"mlflow=={mlflow.__version__}",
-            ],
-        )
-    finally:
-        keras.utils.enable_interactive_logging()
+    mlflow.pyfunc.log_model(
+        name="model",
+        python_model=Path(__file__).parent / "lib" / "served_model.py",
+        artifacts={"keras_model": str(saved)},
+        signature=mlflow.models.infer_signature(example, model.predict(example, verbose=0)),
+        input_example=example,
+        # Given explicitly: inferring them would load the model again in a subprocess (seconds).
+        pip_requirements=[
+            f"tensorflow=={tf.__version__}",
+            f"keras=={keras.__version__}",
+            f"mlflow=={mlflow.__version__}",
+        ],
+    )
 
 
 def main() -> None:
@@ -183,8 +178,8 @@ def main() -> None:
     import mlflow
 
     with signals_held():
-        train_examples = load_examples(paths.SPLIT_TRAIN)
-        validation_examples = load_examples(paths.SPLIT_VALIDATION)
+        train_examples = load_examples(paths.SPLIT_TRAIN, recorded_count(paths.SPLIT_SUMMARY, "train"))
+        validation_examples = load_examples(paths.SPLIT_VALIDATION, recorded_count(paths.SPLIT_SUMMARY, "validation"))
     log(
         "train",
         f"{len(train_examples.labels)} train / {len(validation_examples.labels)} validation records loaded in {timer}",
@@ -203,8 +198,8 @@ def main() -> None:
                 params, train_examples, validation_examples, [keras.callbacks.LambdaCallback(on_epoch_end=log_epoch)]
             )
         with signals_held():
-            log_model(model, validation_examples)
             save_model(model, paths.MODEL)
+            log_model(model, paths.MODEL, validation_examples)
         model_md5 = tracking.md5(paths.MODEL)
         mlflow.set_tag(tracking.MODEL_TAG, model_md5)
         write_history(paths.TRAIN_HISTORY, history)

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import yaml
 
+from stages.common import paths
 from stages.common.dataset import Examples
+from stages.common.outputs import write_json
 from stages.common.params import load_params
+from stages.common.records import write_examples
 from tests.e2e import user_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +66,18 @@ def write_idx():
         return content
 
     return write
+
+
+def write_stage_inputs(root: Path, train: Examples, validation: Examples, test: Examples) -> None:
+    """What train and evaluate read, as split and prepare write it: records and summaries with their counts."""
+    for path, examples in (
+        (paths.SPLIT_TRAIN, train),
+        (paths.SPLIT_VALIDATION, validation),
+        (paths.PREPARED_TEST, test),
+    ):
+        write_examples(root / path, examples)
+    write_json(root / paths.SPLIT_SUMMARY, {"train": len(train.labels), "validation": len(validation.labels)})
+    write_json(root / paths.PREPARED_SUMMARY, {"test": {"count": len(test.labels)}})
 
 
 def repository_params(**changes):

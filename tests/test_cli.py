@@ -98,3 +98,29 @@ def test_a_signal_inside_signals_held_is_raised_when_the_block_ends(tmp_path, st
     assert result.returncode == 143
     assert result.stdout == "held, stop requested: True\n"
     assert result.stderr == "demo: terminated (SIGTERM)\n"
+
+
+@pytest.mark.parametrize(
+    "stage, hint",
+    [
+        ("train", "dvc checkout train && git checkout -- metrics/train.json"),
+        ("split", "dvc checkout split"),
+        ("check_params", None),  # no outputs to lose
+    ],
+)
+def test_a_stage_failing_under_dvc_says_how_to_restore_the_outputs_dvc_removed(tmp_path, stage_env, stage, hint):
+    script = (
+        "from stages.common.cli import run_stage\n"
+        "from stages.common.errors import StageError\n"
+        "def main():\n"
+        "    raise StageError('MLflow tracking store is down')\n"
+        f"run_stage({stage!r}, 'a stage', main, [])\n"
+    )
+    result = run_script(script, tmp_path, {**stage_env(tmp_path), "DVC_STAGE": stage})
+    expected = [f"{stage}: error: MLflow tracking store is down"]
+    if hint:
+        expected.append(
+            f"{stage}: DVC removed this stage's previous outputs before running it; to restore them: {hint}"
+        )
+    assert (result.returncode, result.stderr.splitlines()) == (1, expected)
+    assert "DVC removed" not in run_script(script, tmp_path, stage_env(tmp_path)).stderr  # run by hand: nothing removed

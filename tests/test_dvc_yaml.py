@@ -69,3 +69,19 @@ def test_the_import_scan_sees_through_packages_and_function_level_imports():
     used = {str(p.relative_to(REPO)) for p in project_files_used_by("stages.prepare")}
     assert {"stages/__init__.py", "stages/common/__init__.py", "stages/common/errors.py"} <= used
     assert "stages/lib/mnist_sources.py" in used and "stages/lib/tracking.py" not in used
+
+
+def test_the_restore_hint_knows_which_outputs_dvc_yaml_keeps_in_git():
+    from stages.common.paths import OUTPUTS_IN_GIT
+
+    in_git = {
+        stage: tuple(
+            Path(path)
+            for entry in PIPELINE[stage].get("metrics", [])
+            for path, options in entry.items()
+            if options.get("cache") is False
+        )
+        for stage in PIPELINE
+        if "outs" in PIPELINE[stage]
+    }
+    assert in_git == OUTPUTS_IN_GIT

@@ -16,8 +16,10 @@ import pytest
 import yaml
 
 from stages.common import paths
-from stages.common.records import write_examples
-from tests.conftest import REAL_PARAMS, clean_env
+from stages.common.records import read_framed, write_examples
+from tests.conftest import REAL_PARAMS, clean_env, write_stage_inputs
+
+INPUTS_LEFT = ["data/prepared/summary.json", "data/prepared/test.tfrecord"]  # what split_data writes there
 
 RAW = REAL_PARAMS.parent / "data/raw/mnist"
 
@@ -69,12 +71,7 @@ def test_prepare_with_a_truncated_raw_file_names_it_and_writes_nothing(stage_roo
 
 @pytest.fixture
 def split_data(stage_root, make_examples):
-    for path, examples in (
-        (paths.SPLIT_TRAIN, make_examples(300, seed=1)),
-        (paths.SPLIT_VALIDATION, make_examples(100, seed=2)),
-        (paths.PREPARED_TEST, make_examples(100, seed=3)),
-    ):
-        write_examples(stage_root / path, examples)
+    write_stage_inputs(stage_root, make_examples(300, seed=1), make_examples(100, seed=2), make_examples(100, seed=3))
     return stage_root
 
 
@@ -85,8 +82,8 @@ def test_train_on_a_truncated_tfrecord_names_it_and_records_no_run(split_data, r
     result = run_stage_in("train", split_data)
     assert result.returncode == 1
     [line] = error_lines(result)
-    assert str(paths.SPLIT_TRAIN) in line and "truncated" in line
-    assert outputs_left(split_data) == ["data/prepared/test.tfrecord"]
+    assert line.startswith(f"train: error: {paths.SPLIT_TRAIN}: damaged: a record is cut off")
+    assert outputs_left(split_data) == INPUTS_LEFT
     assert runs(split_data) == []
 
 
@@ -98,7 +95,7 @@ def test_evaluate_with_a_file_that_is_not_a_keras_model_names_it_and_writes_noth
     assert result.returncode == 1
     [line] = error_lines(result)
     assert f"{paths.MODEL}: not a loadable Keras model" in line
-    assert outputs_left(split_data) == ["data/prepared/test.tfrecord", "models/model.keras"]
+    assert outputs_left(split_data) == [*INPUTS_LEFT, "models/model.keras"]
     [run] = runs(split_data)  # no run trained this file: the evaluation's own run, which failed
     assert run.info.status == "FAILED"
 
@@ -130,7 +127,7 @@ def test_sigterm_mid_training_ends_the_run_killed_and_writes_nothing(split_data)
     assert "train: terminated (SIGTERM)" in stderr
     [run] = runs(split_data)
     assert run.info.status == "KILLED"
-    assert outputs_left(split_data) == ["data/prepared/test.tfrecord"]
+    assert outputs_left(split_data) == INPUTS_LEFT
 
 
 def test_sigkill_mid_training_leaves_no_output_and_the_next_run_closes_the_orphan(split_data, run_stage_in):
@@ -139,7 +136,7 @@ def test_sigkill_mid_training_leaves_no_output_and_the_next_run_closes_the_orpha
     process.communicate(timeout=60)
     [orphan] = runs(split_data)
     assert orphan.info.status == "RUNNING"  # nothing can run on SIGKILL
-    assert outputs_left(split_data) == ["data/prepared/test.tfrecord"]
+    assert outputs_left(split_data) == INPUTS_LEFT
 
     params = {**yaml.safe_load((split_data / "params.yaml").read_text()), "epochs": 1}
     (split_data / "params.yaml").write_text(yaml.safe_dump(params))
@@ -151,3 +148,63 @@ def test_sigkill_mid_training_leaves_no_output_and_the_next_run_closes_the_orpha
     assert list(statuses.values()) == ["FINISHED"]
     assert json.loads((split_data / paths.TRAIN_METRICS).read_text())["epochs"] == 1
     assert not [name for name in os.listdir(split_data / "models") if ".tmp-" in name]
+
+
+def cut_mid_record(path):
+    path.write_bytes(path.read_bytes()[:-300])
+
+
+def keep_first_half_of_the_records(path):
+    records = read_framed(path)
+    half = sum(len(record) + 16 for record in records[: len(records) // 2])
+    path.write_bytes(path.read_bytes()[:half])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (cut_mid_record, "damaged: a record is cut off or fails its checksum"),
+        (keep_first_half_of_the_records, "50 records, expected 100 as its stage wrote it"),
+    ],
+    ids=["cut-mid-record", "cut-at-a-record-boundary"],
+)
+def test_evaluate_on_a_damaged_test_file_says_so_and_leaves_the_run_failed_not_finished(
+    split_data, run_stage_in, damage, message
+):
+    params = {**yaml.safe_load((split_data / "params.yaml").read_text()), "epochs": 1, "hidden_layer_size": 8}
+    (split_data / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_stage_in("train", split_data).returncode == 0
+    damage(split_data / paths.PREPARED_TEST)
+
+    result = run_stage_in("evaluate", split_data)
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert line == f"evaluate: error: {paths.PREPARED_TEST}: {message}" + line.split(message, 1)[1]
+    assert "function_node" not in line and "{{" not in line  # no TensorFlow internals
+    [run] = runs(split_data)
+    assert run.info.status == "FAILED"
+    assert "test_accuracy" not in run.data.metrics
+    assert not (split_data / paths.EVALUATE_METRICS).exists()
+
+
+@pytest.fixture
+def full_split_folder(stage_root):
+    """data/split on a 64 KiB tmpfs (a disk that fills up), unmounted after; skipped where mounting is refused."""
+    folder = stage_root / paths.SPLIT_DIR
+    folder.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written(
+    stage_root, full_split_folder, make_examples, run_stage_in
+):
+    write_examples(stage_root / paths.PREPARED_TRAIN, make_examples(300, seed=1))  # 240 KB to split
+
+    result = run_stage_in("split", stage_root)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"split: error: {paths.SPLIT_TRAIN}: cannot write: No space left on device"]
+    assert list(full_split_folder.iterdir()) == []

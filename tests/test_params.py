@@ -23,7 +23,7 @@ def test_as_dict_has_every_key_of_params_yaml(raw_params):
     [
         ("source", "csv"),
         ("source", None),
-        ("tfds_data_dir", ""),
+        ("tfds_data_dir", None),
         ("tfds_data_dir", 5),
         ("seed", -1),
         ("seed", 2**31),
@@ -70,6 +70,7 @@ def test_invalid_value_is_one_line_naming_key_and_value(raw_params, key, value):
         ("seed", 2**31 - 1),
         ("hidden_layers", 0),
         ("tfds_data_dir", "/data/tfds"),
+        ("tfds_data_dir", ""),
         ("source", "tfds"),
         ("validation_fraction", 0.5),
         ("epochs", 1),
@@ -182,3 +183,28 @@ def test_help_exits_0_without_importing_tensorflow(tmp_path, run_stage_in, stage
     modules = imported_modules(result.stderr)
     assert "stages.common.cli" in modules
     assert not [m for m in modules if is_heavy(m)]
+
+
+def test_dvc_exp_run_set_param_changes_only_that_line(tmp_path):
+    # `dvc exp run -S` rewrites params.yaml through hydra's override grammar: the rest must survive.
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text(REAL_PARAMS.read_text())
+    apply_overrides(str(path), ["epochs=10"])
+    changed = [
+        (a, b)
+        for a, b in zip(REAL_PARAMS.read_text().splitlines(), path.read_text().splitlines(), strict=True)
+        if a != b
+    ]
+    assert [b.split("#")[0].strip() for _, b in changed] == ["epochs: 10"]
+    assert load_params(path).tfds_data_dir == ""
+
+
+def test_a_key_given_twice_is_refused_not_silently_overridden(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(REAL_PARAMS.read_text() + "epochs: 10\n")
+    line = len(path.read_text().splitlines())
+    with pytest.raises(StageError) as error:
+        load_params(path)
+    assert str(error.value) == f"{path}: not valid YAML: key 'epochs' appears twice (again on line {line})"

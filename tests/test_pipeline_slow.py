@@ -154,6 +154,22 @@ def test_changing_epochs_leaves_the_data_stages_unchanged(repo):
     assert changed_stages(repo) == {"train"}
 
 
+def test_an_unknown_key_that_no_stage_reads_stops_repro_and_exp_run_before_anything_is_recorded(repo):
+    with (repo / "params.yaml").open("a") as file:
+        file.write("epoch: 10\n")
+    result = run(["dvc", "repro"], repo, check=False)
+    assert result.returncode != 0
+    assert "check_params: error: params.yaml: unknown key 'epoch' (did you mean 'epochs'?)" in result.stderr
+    run(["git", "checkout", "params.yaml"], repo)
+
+    # DVC's own advice when -S names a key the file lacks: `+key=value`.
+    result = run(["dvc", "exp", "run", "-S", "+optimizer=sgd"], repo, check=False)
+    assert result.returncode != 0
+    assert "unknown key 'optimizer'" in result.stderr
+    assert experiments_shown(repo) == {}
+    assert len(client(repo).search_runs([client(repo).get_experiment_by_name("mnist-dnn").experiment_id])) == 1
+
+
 def test_experiment_reruns_only_training_and_leaves_a_run_named_after_it(repo):
     result = run(["dvc", "exp", "run", "-S", "epochs=2", "-n", "two-epochs"], repo)
     assert stages_run(result) == ["train", "evaluate"]
@@ -289,5 +305,10 @@ def test_a_tracking_server_that_is_down_fails_fast_in_one_line_and_leaves_no_out
     assert time.monotonic() - started < 30
     errors = [line for line in result.stderr.splitlines() if line.startswith("train: error:")]
     assert len(errors) == 1 and uri in errors[0]
+    # DVC removed the previous outputs before the stage failed; the stage says how to get them back.
     assert not (repo / "models/model.keras").exists()
     assert not (repo / "metrics/train.json").exists()
+    [hint] = [line for line in result.stderr.splitlines() if "to restore them: " in line]
+    run(["bash", "-c", hint.split("to restore them: ", 1)[1]], repo)
+    assert changed_stages(repo) == set()
+    assert run(["git", "status", "--porcelain"], repo).stdout == ""

@@ -15,11 +15,10 @@ from stages import evaluate
 from stages.common import paths
 from stages.common.cli import Terminated
 from stages.common.errors import StageError
-from stages.common.records import write_examples
 from stages.lib import tracking
 from stages.lib.model import build_model
 from stages.train import HISTORY_COLUMNS, save_model, train
-from tests.conftest import REAL_PARAMS, repository_params
+from tests.conftest import REAL_PARAMS, repository_params, write_stage_inputs
 
 # Small and quick, with a learning rate high enough to learn the synthetic bands in two epochs.
 SMALL = repository_params(epochs=2, hidden_layer_size=16, batch_size=32, shuffle_buffer=300, learning_rate=0.01, seed=1)
@@ -300,12 +299,7 @@ def pipeline(tmp_path_factory, make_examples, run_stage_in):
     params = {**yaml.safe_load(REAL_PARAMS.read_text()), "epochs": 2, "hidden_layer_size": 8, "shuffle_buffer": 300}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     test = make_examples(120, seed=3)
-    for path, examples in (
-        (paths.SPLIT_TRAIN, make_examples(300, seed=1)),
-        (paths.SPLIT_VALIDATION, make_examples(100, seed=2)),
-        (paths.PREPARED_TEST, test),
-    ):
-        write_examples(root / path, examples)
+    write_stage_inputs(root, make_examples(300, seed=1), make_examples(100, seed=2), test)
     results = {stage: run_stage_in(stage, root) for stage in ("train", "evaluate")}
     for stage, result in results.items():
         assert result.returncode == 0, f"{stage} failed:\n{result.stdout}\n{result.stderr}"
@@ -384,15 +378,18 @@ def test_training_run_records_params_metrics_tags_and_artifacts(pipeline_mlflow)
     assert list((root / tracking.ARTIFACTS_DIR).rglob("confusion_matrix.png"))
 
 
-def test_logged_mlflow_model_predicts_like_the_saved_keras_model(pipeline_mlflow):
+def test_logged_mlflow_model_predicts_like_the_saved_keras_model_and_quietly(pipeline_mlflow, capfd):
     import keras
     import mlflow
 
     root, _, test, _, run = pipeline_mlflow
     inputs = test.images[:20].astype(np.float32) / 255.0
     logged = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    capfd.readouterr()
+    predicted = np.asarray(logged.predict(inputs))
+    assert capfd.readouterr().out == ""  # no Keras progress bar
     saved = keras.models.load_model(root / paths.MODEL)
-    np.testing.assert_allclose(np.asarray(logged.predict(inputs)), saved.predict(inputs, verbose=0), rtol=1e-5)
+    np.testing.assert_array_equal(predicted, saved.predict(inputs, verbose=0))
 
 
 def test_evaluate_without_a_model_fails_in_one_line_and_records_nothing(tmp_path, run_stage_in):

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from types import FrameType, ModuleType
 
+from stages.common import paths
 from stages.common.errors import StageError
 
 # TensorFlow's C++ logs (oneDNN notices, CUDA probing on CPU-only machines) are noise in
@@ -118,11 +119,30 @@ def run_stage(
         sys.stderr.flush()
         os._exit(0)
     except StageError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        _fail(name, f"error: {exc}", 1)
     except KeyboardInterrupt:
-        print(f"{name}: interrupted (SIGINT)", file=sys.stderr, flush=True)
-        sys.exit(130)
+        _fail(name, "interrupted (SIGINT)", 130)
     except Terminated:
-        print(f"{name}: terminated (SIGTERM)", file=sys.stderr, flush=True)
-        sys.exit(143)
+        _fail(name, "terminated (SIGTERM)", 143)
+    except Exception:  # a bug: its traceback follows
+        _print_restore_hint(name)
+        raise
+
+
+def _print_restore_hint(stage: str) -> None:
+    """Under DVC, which removes a stage's outputs before running it: the command that restores them."""
+    if os.environ.get("DVC_STAGE") and stage in paths.OUTPUTS_IN_GIT:
+        command = " && ".join(
+            [f"dvc checkout {stage}", *(f"git checkout -- {path}" for path in paths.OUTPUTS_IN_GIT[stage])]
+        )
+        print(
+            f"{stage}: DVC removed this stage's previous outputs before running it; to restore them: {command}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _fail(name: str, message: str, exit_code: int) -> None:
+    print(f"{name}: {message}", file=sys.stderr, flush=True)
+    _print_restore_hint(name)
+    sys.exit(exit_code)

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from stages.common.errors import StageError, first_line
+
 TEMP_MARK = ".tmp-"
 
 
@@ -18,17 +20,20 @@ def atomic_output(path: Path) -> Iterator[Path]:
 
     The temporary name starts with a dot and is ignored by git. On any exception,
     SIGTERM and Ctrl-C included, it is removed. A SIGKILL can leave it behind; the next
-    write to the same path removes such leftovers.
+    write to the same path removes such leftovers. A write the system refuses (a full disk, a
+    read-only folder) becomes a StageError naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.stem}{TEMP_MARK}*{path.suffix}"):
-        stale.unlink(missing_ok=True)
     # Same suffix as the target: some writers (Keras) insist on it.
     temporary = path.parent / f".{path.stem}{TEMP_MARK}{os.getpid()}{path.suffix}"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.stem}{TEMP_MARK}*{path.suffix}"):
+            stale.unlink(missing_ok=True)
         yield temporary
         os.replace(temporary, path)
+    except OSError as exc:
+        raise StageError(f"{path}: cannot write: {exc.strerror or first_line(exc)}") from exc
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -26,7 +26,7 @@ class Params:
     """Every hyperparameter of the pipeline; their values, the notebook's by default, are in params.yaml."""
 
     source: str
-    tfds_data_dir: str | None
+    tfds_data_dir: str  # "" for tfds' default
     seed: int
     validation_fraction: float
     shuffle_buffer: int
@@ -52,7 +52,8 @@ def _is_number(value: Any) -> bool:
 # key -> (check, what is allowed); each check gets the raw YAML value.
 _RULES: dict[str, tuple[Any, str]] = {
     "source": (lambda v: v in SOURCES, f"one of {', '.join(SOURCES)}"),
-    "tfds_data_dir": (lambda v: v is None or (isinstance(v, str) and v != ""), "null or a directory path"),
+    # '' rather than null for the default: `dvc exp run -S` rewrites null as an empty value.
+    "tfds_data_dir": (lambda v: isinstance(v, str), "a directory path, or '' for tfds' default"),
     "seed": (lambda v: _is_int(v) and 0 <= v < 2**31, "an integer in [0, 2147483647]"),
     "validation_fraction": (lambda v: _is_number(v) and 0 < v < 1, "a number strictly between 0 and 1"),
     "shuffle_buffer": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -85,12 +86,28 @@ def parse_params(raw: Any, origin: str = str(PARAMS_FILE)) -> Params:
     return Params(**values)
 
 
-class _Yaml12FloatLoader(yaml.SafeLoader):
+class _ParamsLoader(yaml.SafeLoader):
     """PyYAML follows YAML 1.1, which reads `1e-05` (as `dvc exp run -S learning_rate=1e-5` writes
-    it) as a string; this loader reads floats as YAML 1.2 does."""
+    it) as a string; this loader reads floats as YAML 1.2 does, and refuses a key given twice
+    (PyYAML would silently keep the last; DVC refuses the file)."""
 
 
-_Yaml12FloatLoader.add_implicit_resolver(
+def _mapping_without_duplicate_keys(loader: _ParamsLoader, node: yaml.MappingNode) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' appears twice (again on line {key_node.start_mark.line + 1})"
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_ParamsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicate_keys)
+
+
+_ParamsLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
         r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$"
@@ -107,7 +124,7 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     except OSError as exc:
         raise StageError(f"{path}: cannot read parameters: {exc.strerror}") from exc
     try:
-        raw = yaml.load(text, Loader=_Yaml12FloatLoader)
+        raw = yaml.load(text, Loader=_ParamsLoader)
     except yaml.YAMLError as exc:
         raise StageError(f"{path}: not valid YAML: {first_line(exc)}") from exc
     return parse_params(raw, str(path))

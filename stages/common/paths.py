@@ -18,3 +18,7 @@ TRAIN_HISTORY = Path("metrics/train_history.csv")
 EVALUATE_METRICS = Path("metrics/evaluate.json")
 CONFUSION = Path("metrics/confusion.csv")
 PER_CLASS_METRICS = Path("metrics/per_class.json")
+
+# The stages with outputs, and those of their outputs that git keeps rather than DVC's cache
+# (`cache: false` in dvc.yaml): what to restore, and how, after DVC removed them for a failed run.
+OUTPUTS_IN_GIT = {"prepare": (), "split": (), "train": (TRAIN_METRICS,), "evaluate": (EVALUATE_METRICS,)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,7 +30,9 @@ def _row(name: str, rev: str, data: dict[str, Any]) -> Experiment:
 
 def list_experiments(repo: Path = Path()) -> list[Experiment]:
     """The workspace, the baseline commit and every experiment of it, as `dvc exp show` lists them."""
-    result = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, check=False)
+    # DVC of this interpreter's environment: works whether or not the venv is activated.
+    command = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise StageError(f"`dvc exp show --json` failed: {first_line(Exception(result.stderr))}")
     rows = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,8 +18,20 @@ if TYPE_CHECKING:
 EVAL_BATCH_SIZE = 1000  # validation and test batches: larger is faster and does not change the result
 
 
-def load_examples(path: Path) -> Examples:
-    """Read a TFRecord file of Examples with TensorFlow (batched parsing) into uint8 arrays."""
+def recorded_count(summary: Path, *keys: str) -> int:
+    """The record count that the stage which wrote a file noted in its summary.json, at `keys`."""
+    try:
+        value = json.loads(Path(summary).read_text())
+        for key in keys:
+            value = value[key]
+        return int(value)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StageError(f"{summary}: cannot read the record count {'.'.join(keys)}: {first_line(exc)}") from exc
+
+
+def load_examples(path: Path, expected_count: int | None = None) -> Examples:
+    """Read a TFRecord file of Examples with TensorFlow (batched parsing) into uint8 arrays;
+    StageError if it is damaged or, given `expected_count`, holds another number of records."""
     import tensorflow as tf
 
     feature_spec = {
@@ -37,15 +50,25 @@ def load_examples(path: Path) -> Examples:
     dataset = tf.data.TFRecordDataset(str(path)).batch(10_000).map(parse_batch)
     try:
         batches = [(images.numpy(), labels.numpy(), int(size)) for images, labels, size in dataset]
+    except tf.errors.DataLossError as exc:
+        raise StageError(
+            f"{path}: damaged: a record is cut off or fails its checksum (`dvc checkout` restores DVC's copy)"
+        ) from exc
     except tf.errors.OpError as exc:
-        raise StageError(f"{path}: not a valid TFRecord file of MNIST examples: {first_line(exc)}") from exc
+        raise StageError(f"{path}: not a TFRecord file of MNIST examples: {first_line(exc)}") from exc
     if not batches:
         raise StageError(f"{path}: contains no records")
     # TensorFlow silently drops a last record cut off inside its 12-byte header.
     read_bytes, file_bytes = sum(b[2] for b in batches), Path(path).stat().st_size
     if read_bytes != file_bytes:
         raise StageError(f"{path}: truncated: {file_bytes - read_bytes} bytes after the last complete record")
-    return Examples(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
+    examples = Examples(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
+    if expected_count is not None and len(examples.labels) != expected_count:
+        raise StageError(
+            f"{path}: {len(examples.labels)} records, expected {expected_count} as its stage wrote it "
+            "(the file was changed since; `dvc checkout` restores DVC's copy)"
+        )
+    return examples
 
 
 def scaled(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
