@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Stages run `python -m stages.<name>`: the venv's python must come first on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-fast lint bench lock
+.PHONY: setup repro test test-fast lint bench lock team-start team-stop team-status team-env
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,13 @@ lint: setup
 
 bench: setup
 	python bench/run.py
+
+# The local team stack (PostgreSQL, S3, MLflow server with basic auth) on 127.0.0.1, data in .team-stack/.
+team-start: setup
+	@python team/stack.py start
+
+team-stop team-status team-env: setup
+	@python team/stack.py $(@:team-%=%)
 
 # Re-resolve pyproject.toml's dependencies to their newest allowed versions and pin them all.
 lock:

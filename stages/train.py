@@ -20,6 +20,7 @@ from stages.lib.model import build_model
 
 if TYPE_CHECKING:
     import keras
+    import mlflow
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -137,12 +138,12 @@ def write_history(path: Path, rows: list[dict[str, float]]) -> None:
         writer.writerows(rows)
 
 
-def log_epoch(epoch: int, logs: dict[str, float]) -> None:
+def log_epoch(epoch: int, logs: dict[str, float]) -> mlflow.utils.async_logging.run_operations.RunOperations:
     """Per-epoch metrics to MLflow, asynchronously so training never waits for the store."""
     import mlflow
 
     metrics = {name: float(logs[name]) for name in HISTORY_COLUMNS[1:] if name in logs}
-    mlflow.log_metrics(metrics, step=epoch + 1, synchronous=False)
+    return mlflow.log_metrics(metrics, step=epoch + 1, synchronous=False)
 
 
 def log_model(model: keras.Model, saved: Path, examples: Examples) -> None:
@@ -193,10 +194,13 @@ def main() -> None:
                 "data.validation.md5": tracking.md5(paths.SPLIT_VALIDATION),
             }
         )
+        epoch_logging = []
+        log_epochs = keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: epoch_logging.append(log_epoch(epoch, logs))
+        )
         with signals_held():  # a signal stops training at the end of the epoch, then is raised
-            model, history = train(
-                params, train_examples, validation_examples, [keras.callbacks.LambdaCallback(on_epoch_end=log_epoch)]
-            )
+            model, history = train(params, train_examples, validation_examples, [log_epochs])
+        tracking.wait_until_stored(epoch_logging)
         with signals_held():
             save_model(model, paths.MODEL)
             log_model(model, paths.MODEL, validation_examples)

@@ -16,7 +16,7 @@ from stages.common.dataset import Examples
 from stages.common.outputs import write_json
 from stages.common.params import load_params
 from stages.common.records import write_examples
-from tests.e2e import user_env
+from tests.e2e import clone_repository, run, user_env
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_PARAMS = REPO / "params.yaml"
@@ -127,3 +127,17 @@ def stage_root(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory):
+    """A copy of the repository in which `dvc repro` has run: the state after a new user's `make repro`."""
+    repo = clone_repository(tmp_path_factory.mktemp("baseline") / "repo")
+    run(["dvc", "repro"], repo)
+    return repo
+
+
+@pytest.fixture
+def repo(baseline, tmp_path):
+    """This test's own copy of the baseline. MLflow's experiment keeps the baseline's artifact folder."""
+    return shutil.copytree(baseline, tmp_path / "repo", symlinks=True)

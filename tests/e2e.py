@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -47,3 +48,22 @@ def clone_repository(destination: Path) -> Path:
     run(["git", "add", "-A"], destination)
     run(["git", "commit", "-qm", "copy"], destination)
     return destination
+
+
+def changed_stages(repo: Path) -> set[str]:
+    return set(json.loads(run(["dvc", "status", "--json"], repo).stdout))
+
+
+def experiments_shown(repo: Path, env: dict[str, str] | None = None) -> dict:
+    """`dvc exp show`'s experiments by name: their metrics files as DVC reports them."""
+    rows = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    return {
+        experiment["name"]: experiment["revs"][0]["data"]["metrics"]
+        for row in rows
+        for experiment in row.get("experiments") or []
+    }
+
+
+def stages_run(result: subprocess.CompletedProcess) -> list[str]:
+    """The stages a `dvc repro`/`dvc exp run` ran (DVC has no JSON for this), from its "Running stage" lines."""
+    return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")]

@@ -1,15 +1,14 @@
 """End to end on the full MNIST data, in throwaway git copies of the repository, as a user runs it.
 
-`dvc repro` runs once, in a baseline copy; every test then works in its own copy of that
-baseline (outputs, DVC cache, MLflow store, git history), so each can run alone:
-`pytest -m slow -k <name>`.
+`dvc repro` runs once, in a baseline copy (fixture `baseline` in conftest.py); every test then
+works in its own copy of that baseline (outputs, DVC cache, MLflow store, git history), so each
+can run alone: `pytest -m slow -k <name>`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,25 +22,11 @@ import yaml
 
 from stages.common.records import read_framed
 from stages.lib.tracking import MODEL_TAG, md5
-from tests.e2e import clone_repository, run, user_env
+from tests.e2e import changed_stages, experiments_shown, run, stages_run, user_env
 
 pytestmark = pytest.mark.slow
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
-
-
-@pytest.fixture(scope="session")
-def baseline(tmp_path_factory):
-    """A copy of the repository in which `dvc repro` has run: the state after a new user's `make repro`."""
-    repo = clone_repository(tmp_path_factory.mktemp("baseline") / "repo")
-    run(["dvc", "repro"], repo)
-    return repo
-
-
-@pytest.fixture
-def repo(baseline, tmp_path):
-    """This test's own copy of the baseline. MLflow's experiment keeps the baseline's artifact folder."""
-    return shutil.copytree(baseline, tmp_path / "repo", symlinks=True)
 
 
 def client(repo) -> mlflow.MlflowClient:
@@ -57,25 +42,6 @@ def runs_of_model(repo, mlflow_client=None) -> list:
         filter_string=f"tags.`{MODEL_TAG}` = '{md5(repo / 'models/model.keras')}'",
         order_by=["attributes.start_time DESC"],
     )
-
-
-def changed_stages(repo) -> set[str]:
-    return set(json.loads(run(["dvc", "status", "--json"], repo).stdout))
-
-
-def experiments_shown(repo) -> dict:
-    """`dvc exp show`'s experiments by name: their metrics files as DVC reports them."""
-    rows = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
-    return {
-        experiment["name"]: experiment["revs"][0]["data"]["metrics"]
-        for row in rows
-        for experiment in row.get("experiments") or []
-    }
-
-
-def stages_run(result) -> list[str]:
-    """The stages a `dvc repro`/`dvc exp run` ran (DVC has no JSON for this), from its "Running stage" lines."""
-    return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")]
 
 
 def test_a_new_users_repro_reproduces_the_committed_baseline_byte_for_byte(baseline):
@@ -151,7 +117,7 @@ def test_editing_a_module_changes_only_the_stages_that_import_it(repo, module, c
 def test_changing_epochs_leaves_the_data_stages_unchanged(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     (repo / "params.yaml").write_text(yaml.safe_dump({**params, "epochs": 7}, sort_keys=False))
-    assert changed_stages(repo) == {"train"}
+    assert changed_stages(repo) == {"check_params", "train"}
 
 
 def test_an_unknown_key_that_no_stage_reads_stops_repro_and_exp_run_before_anything_is_recorded(repo):
@@ -172,7 +138,7 @@ def test_an_unknown_key_that_no_stage_reads_stops_repro_and_exp_run_before_anyth
 
 def test_experiment_reruns_only_training_and_leaves_a_run_named_after_it(repo):
     result = run(["dvc", "exp", "run", "-S", "epochs=2", "-n", "two-epochs"], repo)
-    assert stages_run(result) == ["train", "evaluate"]
+    assert stages_run(result) == ["check_params", "train", "evaluate"]
 
     [run_] = runs_of_model(repo)
     assert run_.info.run_name == "two-epochs"
@@ -227,7 +193,7 @@ def test_evaluate_rerun_on_a_run_cached_model_records_into_the_run_that_trained_
     # makes evaluate itself rerun on that restored model.
     edit(repo / "stages/evaluate.py")
     result = run(["dvc", "exp", "run", "-S", "epochs=3", "-n", "three-again"], repo)
-    assert stages_run(result) == ["evaluate"]
+    assert stages_run(result) == ["check_params", "evaluate"]
     assert [r.info.run_id for r in runs_of_model(repo)] == [three_epochs_run.info.run_id]
     history = client(repo).get_metric_history(three_epochs_run.info.run_id, "test_accuracy")
     assert len(history) == 2 and history[0].value == history[1].value
@@ -258,7 +224,7 @@ def tracking_server(tmp_path):
             "--workers",
             "1",
         ],
-        env=user_env(),
+        env=user_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # else 8 job-runner processes start too
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

