@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from bench.workers import RESULT_MARK
+from team import stack as team_stack
 from tests.e2e import REPO as REPO_ROOT
 from tests.e2e import clone_repository, run, user_env
 
@@ -70,10 +71,12 @@ class Runner:
         self.env = user_env(DVC_NO_ANALYTICS="1")
         log_dir.mkdir(parents=True, exist_ok=True)
 
-    def run(self, command: list[str], cwd: Path, log_name: str) -> Measured:
+    def run(self, command: list[str], cwd: Path, log_name: str, env: dict[str, str] | None = None) -> Measured:
         with tempfile.TemporaryFile() as output:
             start = time.perf_counter()
-            process = subprocess.Popen(command, cwd=cwd, env=self.env, stdout=output, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                command, cwd=cwd, env={**self.env, **(env or {})}, stdout=output, stderr=subprocess.STDOUT
+            )
             _, status, usage = os.wait4(process.pid, 0)  # unlike wait(), gives this child's resource usage
             seconds = time.perf_counter() - start
             process.returncode = os.waitstatus_to_exitcode(status)
@@ -85,10 +88,12 @@ class Runner:
             raise BenchError(f"`{' '.join(command)}` in {cwd} exited with {process.returncode}:\n{tail}")
         return Measured(seconds, usage.ru_maxrss / 1024, text)  # ru_maxrss is in KiB on Linux
 
-    def worker(self, name: str, cwd: Path, log_name: str, epochs: int = 5) -> tuple[Measured, dict[str, Any]]:
+    def worker(
+        self, name: str, cwd: Path, log_name: str, epochs: int = 5, env: dict[str, str] | None = None
+    ) -> tuple[Measured, dict[str, Any]]:
         """Run bench/run.py in worker mode in a fresh process; return the measurement and its result."""
         command = [sys.executable, str(BENCH_SCRIPT), "--worker", name, "--epochs", str(epochs)]
-        measured = self.run(command, cwd, log_name)
+        measured = self.run(command, cwd, log_name, env)
         for line in reversed(measured.output.splitlines()):
             if line.startswith(RESULT_MARK):
                 return measured, json.loads(line[len(RESULT_MARK) :])
@@ -208,6 +213,8 @@ def measure(repeats: int, runner: Runner, keep_copy: bool) -> tuple[dict[str, li
             samples["dvc_exp_run_10_s"].append(experiment.seconds)
             progress(f"dvc exp run -S epochs=10 {rep}/{repeats}: {experiment.seconds:.1f} s")
 
+        measure_tracking_server(repeats, runner, copy, dvc, samples)
+
         git(copy, "checkout", "-q", "HEAD", "--", ".")
         for rep in range(1, repeats + 1):
             for name in STAGES:
@@ -222,6 +229,35 @@ def measure(repeats: int, runner: Runner, keep_copy: bool) -> tuple[dict[str, li
             shutil.rmtree(copy, ignore_errors=True)
             shutil.rmtree(site_cache_dir, ignore_errors=True)
     return samples, facts
+
+
+def measure_tracking_server(repeats: int, runner: Runner, copy: Path, dvc: str, samples: dict) -> None:
+    """Training that logs every epoch to the default SQLite store, then to the team stack's MLflow
+    server (PostgreSQL, S3), alternating; and `dvc exp run -S epochs=10` against the server."""
+    folder = Path(tempfile.mkdtemp(prefix="mnist-bench-stack-"))
+    try:
+        began = time.perf_counter()
+        stack = team_stack.start(folder, free_ports=True)
+        progress(f"team stack started in {time.perf_counter() - began:.0f} s: {stack.tracking_uri}")
+        server = {
+            "MLFLOW_TRACKING_URI": stack.tracking_uri,
+            "MLFLOW_TRACKING_USERNAME": stack.mlflow_username,
+            "MLFLOW_TRACKING_PASSWORD": stack.mlflow_password,
+        }
+        for rep in range(1, repeats + 1):
+            for store, env in (("sqlite", None), ("server", server)):
+                _, result = runner.worker("pipeline-train-tracked", copy, f"tracked-{store}-{rep}", env=env)
+                record_training(samples, f"tracked_{store}", result)
+                progress(f"pipeline train logging to {store} {rep}/{repeats}: epochs {_rounded(result)}")
+            git(copy, "checkout", "-q", "HEAD", "--", ".")
+            shutil.rmtree(copy / ".dvc" / "cache" / "runs", ignore_errors=True)
+            command = [dvc, "exp", "run", "-S", "epochs=10"]
+            experiment = runner.run(command, copy, f"dvc-exp-run-10-epochs-server-{rep}", env=server)
+            samples["dvc_exp_run_10_server_s"].append(experiment.seconds)
+            progress(f"dvc exp run -S epochs=10, tracking server {rep}/{repeats}: {experiment.seconds:.1f} s")
+    finally:
+        team_stack.stop(folder)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _rounded(result: dict[str, Any]) -> str:

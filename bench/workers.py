@@ -6,6 +6,7 @@ Nothing heavy is imported at module level: the notebook worker times its own imp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -127,10 +128,12 @@ def notebook_worker(num_epochs: int) -> dict[str, Any]:
     }
 
 
-def pipeline_worker(deterministic: bool = True) -> dict[str, Any]:
+def pipeline_worker(deterministic: bool = True, tracked: bool = False) -> dict[str, Any]:
     """The train stage's own training and evaluation code, on the records in the current directory.
 
     `deterministic=False` measures what op determinism costs: `train` is told not to enable it.
+    `tracked=True` logs every epoch into an MLflow run as the train stage does, in the store that
+    MLFLOW_TRACKING_URI names (else the copy's mlflow.db), to measure what the store costs.
     """
     from stages.common import paths
     from stages.common.cli import import_tensorflow
@@ -144,7 +147,25 @@ def pipeline_worker(deterministic: bool = True) -> dict[str, Any]:
     train_examples = load_examples(paths.SPLIT_TRAIN)
     validation_examples = load_examples(paths.SPLIT_VALIDATION)
     timer = make_epoch_timer()
-    model, _ = train(params, train_examples, validation_examples, callbacks=[timer], deterministic_ops=deterministic)
+    with contextlib.ExitStack() as tracking_run:
+        callbacks = [timer]
+        if tracked:
+            import keras
+
+            from stages.lib import tracking
+            from stages.train import log_epoch
+
+            experiment_id = tracking.open_experiment(params.mlflow_experiment)
+            tracking_run.enter_context(tracking.recorded_run(experiment_id=experiment_id, run_name="bench"))
+            logged = []
+            callbacks.insert(
+                0, keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: logged.append(log_epoch(e, logs)))
+            )
+        model, _ = train(
+            params, train_examples, validation_examples, callbacks=callbacks, deterministic_ops=deterministic
+        )
+        if tracked:
+            tracking.wait_until_stored(logged)
     results = evaluate(model, load_examples(paths.PREPARED_TEST))
     return {"epoch_seconds": timer.seconds, "test_accuracy": results["test_accuracy"]}
 
@@ -162,6 +183,7 @@ WORKERS: dict[str, Callable[[int], dict[str, Any]]] = {
     "notebook": notebook_worker,
     "pipeline-train": lambda epochs: pipeline_worker(),
     "pipeline-train-nondeterministic": lambda epochs: pipeline_worker(deterministic=False),
+    "pipeline-train-tracked": lambda epochs: pipeline_worker(tracked=True),
     "dvc-imports": lambda epochs: dvc_imports_worker(),
 }
 

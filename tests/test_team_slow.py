@@ -5,8 +5,10 @@ separate folders that share a bare git repository as `origin`, the S3 remote and
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import time
 
 import mlflow
 import numpy as np
@@ -70,11 +72,20 @@ def machine(origin, stack, folder):
     return folder
 
 
-def server(stack) -> mlflow.MlflowClient:
+@pytest.fixture(scope="module")
+def client(stack):
+    """A client of the team's server; it reads the credentials from the environment at each request."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_USERNAME", stack.mlflow_username)
         patch.setenv("MLFLOW_TRACKING_PASSWORD", stack.mlflow_password)
-        return mlflow.MlflowClient(tracking_uri=stack.tracking_uri)
+        yield mlflow.MlflowClient(tracking_uri=stack.tracking_uri)
+
+
+def test_every_server_of_the_stack_listens_on_loopback_only(stack):
+    listening = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, check=True).stdout.splitlines()
+    for service, port in stack.ports.items():
+        addresses = [line.split()[3] for line in listening if line.split()[3].endswith(f":{port}")]
+        assert addresses and all(address.startswith("127.0.0.1:") for address in addresses), (service, addresses)
 
 
 def all_runs(client) -> list[str]:
@@ -97,7 +108,7 @@ def test_a_fresh_clone_gets_the_baseline_from_the_remote_without_recomputing(ori
     assert run(["git", "status", "--porcelain"], clone).stdout == ""
 
 
-def test_two_machines_share_experiments_outputs_and_runs_with_a_third(origin, stack, tmp_path):
+def test_two_machines_share_experiments_outputs_and_runs_with_a_third(origin, stack, client, tmp_path):
     a, b = machine(origin, stack, tmp_path / "a"), machine(origin, stack, tmp_path / "b")
     experiments = {"exp-a": (a, ["-S", "epochs=2"]), "exp-b": (b, ["-S", "epochs=2", "-S", "hidden_layer_size=64"])}
     running = {
@@ -125,7 +136,6 @@ def test_two_machines_share_experiments_outputs_and_runs_with_a_third(origin, st
     assert set(shown) == set(experiments)
     assert all(0 < shown[name]["metrics/evaluate.json"]["data"]["test_accuracy"] < 1 for name in experiments)
 
-    client = server(stack)
     experiment_id = client.get_experiment_by_name("mnist-dnn").experiment_id
     for name in experiments:
         run(["dvc", "exp", "apply", name], c, team_env(stack))
@@ -155,9 +165,8 @@ def test_two_machines_share_experiments_outputs_and_runs_with_a_third(origin, st
         run(["git", "checkout", "--", "."], c)
 
 
-def test_a_wrong_password_stops_training_before_anything_is_written_or_recorded(origin, stack, tmp_path):
+def test_a_wrong_password_stops_training_before_anything_is_written_or_recorded(origin, stack, client, tmp_path):
     clone = machine(origin, stack, tmp_path / "clone")
-    client = server(stack)
     before = all_runs(client)
     result = run(
         ["dvc", "repro", "-f", "train"], clone, team_env(stack, MLFLOW_TRACKING_PASSWORD="wrong-password"), check=False
@@ -171,3 +180,87 @@ def test_a_wrong_password_stops_training_before_anything_is_written_or_recorded(
     assert "Epoch 1/" not in result.stdout
     assert not (clone / "models/model.keras").exists()
     assert all_runs(client) == before
+
+
+def test_eight_queued_experiments_from_two_machines_all_land_complete_on_the_postgresql_server(
+    origin, stack, client, tmp_path
+):
+    before = set(all_runs(client))
+    machines = {"a": machine(origin, stack, tmp_path / "a"), "b": machine(origin, stack, tmp_path / "b")}
+    names = {}
+    for label, repo in machines.items():
+        for size in (20, 28, 36, 44):
+            name = f"load-{label}-{size + (label == 'b')}"
+            size_param = f"hidden_layer_size={size + (label == 'b')}"
+            run(["dvc", "exp", "run", "--queue", "-S", "epochs=1", "-S", size_param, "-n", name], repo)
+            names[name] = repo
+    queues = [
+        subprocess.Popen(
+            ["dvc", "exp", "run", "--run-all", "-j", "2"],
+            cwd=repo,
+            env=team_env(stack),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for repo in machines.values()
+    ]
+    for queue in queues:
+        output, _ = queue.communicate(timeout=1800)
+        assert queue.returncode == 0, output[-3000:]
+
+    new = [client.get_run(run_id) for run_id in set(all_runs(client)) - before]
+    assert sorted(r.info.run_name for r in new) == sorted(names)
+    for found in new:
+        assert found.info.status == "FINISHED", found.info.run_name
+        assert found.data.params["hidden_layer_size"] == found.info.run_name.rsplit("-", 1)[1]
+        for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert [m.step for m in client.get_metric_history(found.info.run_id, metric)] == [1]
+        assert "test_accuracy" in found.data.metrics and MODEL_TAG in found.data.tags
+        assert client.search_logged_models(
+            [found.info.experiment_id], filter_string=f"source_run_id = '{found.info.run_id}'"
+        )
+
+
+def test_a_tracking_server_stopped_for_15_s_mid_training_still_gets_the_complete_run(origin, stack, client, tmp_path):
+    clone = machine(origin, stack, tmp_path / "clone")
+    training = subprocess.Popen(
+        ["dvc", "exp", "run", "-S", "epochs=20", "-n", "outage"],
+        cwd=clone,
+        env=team_env(stack, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in training.stdout:
+        if line.startswith("Epoch 2/"):
+            break
+    team_stack.stop(stack.folder, services=["mlflow"])
+    time.sleep(15)
+    team_stack.start(stack.folder, services=["mlflow"])
+    output = line + training.communicate(timeout=1200)[0]
+    assert training.returncode == 0, output[-3000:]
+
+    [found] = client.search_runs(
+        [client.get_experiment_by_name("mnist-dnn").experiment_id],
+        f"tags.`{MODEL_TAG}` = '{md5(clone / 'models/model.keras')}'",
+    )
+    assert found.info.status == "FINISHED"
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert [m.step for m in client.get_metric_history(found.info.run_id, metric)] == list(range(1, 21))
+    assert "test_accuracy" in found.data.metrics
+
+
+def test_the_s3_store_down_during_dvc_push_is_a_clear_error_and_a_second_push_completes(origin, stack, tmp_path):
+    clone = machine(origin, stack, tmp_path / "clone")
+    run(["dvc", "exp", "run", "-S", "epochs=1", "-S", "hidden_layer_size=12"], clone, team_env(stack))
+    team_stack.stop(stack.folder, services=["s3"])
+    try:
+        failed = run(["dvc", "push"], clone, team_env(stack), check=False)
+    finally:
+        team_stack.start(stack.folder, services=["s3"])
+    assert failed.returncode != 0
+    assert f'Could not connect to the endpoint URL: "{stack.s3_endpoint_url}/' in failed.stderr
+    assert changed_stages(clone) == set()  # nothing lost locally
+    run(["dvc", "push"], clone, team_env(stack))
+    assert json.loads(run(["dvc", "status", "--cloud", "--json"], clone, team_env(stack)).stdout) == {}
