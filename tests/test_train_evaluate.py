@@ -3,6 +3,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import socket
 import time
 import zipfile
 from pathlib import Path
@@ -399,3 +400,24 @@ def test_evaluate_without_a_model_fails_in_one_line_and_records_nothing(tmp_path
     [line] = result.stderr.splitlines()
     assert line == "evaluate: error: models/model.keras: file not found (run `dvc repro train` to create it)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_metrics_logged_asynchronously_that_never_reach_the_store_fail_the_stage(monkeypatch):
+    # MLflow's flush_async_logging returns normally when its retries ran out and the data is lost.
+    import mlflow
+
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        operation = mlflow.MlflowClient().log_batch(
+            "0" * 32, metrics=[mlflow.entities.Metric("loss", 0.5, 0, 1)], synchronous=False
+        )
+        with pytest.raises(StageError, match=f"MLflow: logged data did not reach {uri}") as error:
+            tracking.wait_until_stored([operation])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert "\n" not in str(error.value)
