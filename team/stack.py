@@ -334,7 +334,9 @@ def _start_mlflow(stack: Stack) -> subprocess.Popen:
     }
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_PROFILE"):
         env.pop(name, None)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+    # Niced: the basic-auth app checks the password hash on every request (about 0.5 s of CPU
+    # here), and on a machine that also trains, training must not wait for the server's CPU.
+    cmd = ["nice", "-n", "10", sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
            "--host", HOST, "--port", str(stack.ports["mlflow"]), "--workers", "1",
            "--backend-store-uri", stack.database_uri("mlflow", password=False),
            "--artifacts-destination", f"s3://{stack.mlflow_bucket}", "--serve-artifacts"]  # fmt: skip
