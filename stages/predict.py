@@ -31,8 +31,8 @@ Predictor = Callable[[np.ndarray], np.ndarray]  # model inputs -> probabilities,
 
 
 def model_input(digits: np.ndarray) -> np.ndarray:
-    """uint8 digits (n, 28, 28) -> what the model takes: float32 (n, 28, 28, 1) scaled to [0, 1]."""
-    return (digits.astype(np.float32) / 255.0)[..., np.newaxis]
+    """uint8 digits (n, 28, 28) -> what the model takes: uint8 images (n, 28, 28, 1); it scales them itself."""
+    return digits.astype(np.uint8)[..., np.newaxis]
 
 
 def load_predictor(model: str) -> Predictor:

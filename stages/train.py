@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,15 @@ def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer, ste
     )
 
 
+def learning_rate(params: Params, steps: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """Adam's learning rate: constant, or cosine decay from `learning_rate` to 0 over the run's `steps`."""
+    import keras
+
+    if params.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(params.learning_rate, decay_steps=steps)
+    return params.learning_rate
+
+
 def train(
     params: Params,
     train_examples: Examples,
@@ -68,7 +78,9 @@ def train(
 
     seed_everything(params.seed, deterministic_ops)
     model = build_model(params)
-    compile_model(model, keras.optimizers.Adam(learning_rate=params.learning_rate), TRAINING_STEPS_PER_EXECUTION)
+    steps = params.epochs * math.ceil(len(train_examples.labels) / params.batch_size)
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate(params, steps))
+    compile_model(model, optimizer, TRAINING_STEPS_PER_EXECUTION)
     stop_on_signal = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", model.stop_training or stop_requested())
     )
@@ -152,7 +164,7 @@ def log_model(model: keras.Model, saved: Path, examples: Examples) -> None:
     import mlflow
     import tensorflow as tf
 
-    example = (examples.images[:5] / 255.0).astype("float32")
+    example = examples.images[:5]  # uint8: the signature tells a client to send raw pixels
     mlflow.pyfunc.log_model(
         name="model",
         python_model=Path(__file__).parent / "lib" / "served_model.py",

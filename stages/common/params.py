@@ -19,6 +19,7 @@ from stages.common.errors import StageError, first_line
 
 PARAMS_FILE = Path("params.yaml")
 SOURCES = ("idx", "tfds")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +33,17 @@ class Params:
     shuffle_buffer: int
     batch_size: int
     epochs: int
+    conv_blocks: int
+    conv_filters: int
     hidden_layers: int
     hidden_layer_size: int
+    dropout: float
     learning_rate: float
+    lr_schedule: str
+    augment_shift: int
+    augment_rotation: float
     mlflow_experiment: str
+    registered_model: str
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -49,6 +57,10 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
 # key -> (check, what is allowed); each check gets the raw YAML value.
 _RULES: dict[str, tuple[Any, str]] = {
     "source": (lambda v: v in SOURCES, f"one of {', '.join(SOURCES)}"),
@@ -59,10 +71,18 @@ _RULES: dict[str, tuple[Any, str]] = {
     "shuffle_buffer": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    # Each conv block (3x3 conv, no padding, 2x2 pooling) shrinks the image: 28 -> 13 -> 5 -> 1.
+    "conv_blocks": (lambda v: _is_int(v) and 0 <= v <= 3, "an integer in [0, 3]"),
+    "conv_filters": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "hidden_layers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "hidden_layer_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "learning_rate": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "mlflow_experiment": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+    "lr_schedule": (lambda v: v in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
+    "augment_shift": (lambda v: _is_int(v) and 0 <= v <= 8, "an integer number of pixels in [0, 8]"),
+    "augment_rotation": (lambda v: _is_number(v) and 0 <= v <= 45, "a number of degrees in [0, 45]"),
+    "mlflow_experiment": (_is_name, "a non-empty string"),
+    "registered_model": (_is_name, "a non-empty string"),
 }
 
 
@@ -82,7 +102,8 @@ def parse_params(raw: Any, origin: str = str(PARAMS_FILE)) -> Params:
             raise StageError(f"{origin}: {key} must be {allowed}, got {raw[key]!r}")
     values = dict(raw)
     values["validation_fraction"] = float(values["validation_fraction"])
-    values["learning_rate"] = float(values["learning_rate"])
+    for key in ("learning_rate", "dropout", "augment_rotation"):
+        values[key] = float(values[key])
     return Params(**values)
 
 

@@ -71,15 +71,15 @@ def load_examples(path: Path, expected_count: int | None = None) -> Examples:
     return examples
 
 
-def scaled(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """uint8 pixels -> float32 in [0, 1], in the input pipeline (records keep raw bytes)."""
+def model_inputs(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Raw uint8 pixels (the model scales them itself) and int64 labels, as Keras' loss wants them."""
     import tensorflow as tf
 
-    return tf.cast(images, tf.float32) / 255.0, tf.cast(labels, tf.int64)
+    return images, tf.cast(labels, tf.int64)
 
 
 def training_dataset(examples: Examples, batch_size: int, shuffle_buffer: int, seed: int) -> tf.data.Dataset:
-    """Batches scaled on the fly, reshuffled every epoch with `shuffle_buffer` and `seed`.
+    """Batches reshuffled every epoch with `shuffle_buffer` and `seed`.
 
     The images stay in memory as one tensor; what is shuffled is their indices, and each batch is
     gathered at once. Same order as shuffling the examples themselves, at half the CPU cost.
@@ -91,7 +91,7 @@ def training_dataset(examples: Examples, batch_size: int, shuffle_buffer: int, s
         tf.data.Dataset.range(len(examples.labels))
         .shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         .batch(batch_size)
-        .map(lambda indices: scaled(tf.gather(images, indices), tf.gather(labels, indices)))
+        .map(lambda indices: model_inputs(tf.gather(images, indices), tf.gather(labels, indices)))
         .prefetch(tf.data.AUTOTUNE)
     )
 
@@ -102,6 +102,6 @@ def evaluation_dataset(examples: Examples) -> tf.data.Dataset:
     return (
         tf.data.Dataset.from_tensor_slices((examples.images, examples.labels))
         .batch(EVAL_BATCH_SIZE)
-        .map(scaled)
+        .map(model_inputs)
         .cache()
     )
