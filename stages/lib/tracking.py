@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import os
 import socket
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 DATABASE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+LOCK_FILE = "mlflow.db.lock"
 
 # While connecting: fail within seconds, not minutes, when a tracking server is down. Later
 # calls keep MLflow's retries, so a hiccup does not throw away a finished training run.
@@ -92,14 +94,14 @@ def open_experiment(experiment_name: str) -> str:
     # Our default store keeps artifacts beside it; a server decides for itself.
     artifact_location = (repo_root() / ARTIFACTS_DIR).as_uri() if user_uri is None else None
     try:
-        with _settings_unless_set(CONNECT_SETTINGS):
+        with _settings_unless_set(CONNECT_SETTINGS), _store_setup_lock(user_uri is None):
             client = mlflow.MlflowClient()
             experiment = client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            # Suppressed: a parallel experiment may have created it first.
-            with contextlib.suppress(mlflow.exceptions.MlflowException):
-                client.create_experiment(experiment_name, artifact_location=artifact_location)
-            experiment = client.get_experiment_by_name(experiment_name)
+            if experiment is None:
+                # Suppressed: on a server, another machine's stage may have created it first.
+                with contextlib.suppress(mlflow.exceptions.MlflowException):
+                    client.create_experiment(experiment_name, artifact_location=artifact_location)
+                experiment = client.get_experiment_by_name(experiment_name)
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
             user = os.environ.get("MLFLOW_TRACKING_USERNAME")
@@ -117,6 +119,19 @@ def open_experiment(experiment_name: str) -> str:
             f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or change mlflow_experiment"
         )
     return experiment.experiment_id
+
+
+@contextlib.contextmanager
+def _store_setup_lock(default_store: bool) -> Iterator[None]:
+    """For the default SQLite store, one process at a time creates or migrates its tables and the
+    experiment: two queued experiments starting together on a new mlflow.db otherwise race in
+    MLflow's schema migration and one fails. (A server serialises this itself.)"""
+    if not default_store:
+        yield
+        return
+    with open(repo_root() / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 @contextlib.contextmanager

@@ -1,0 +1,29 @@
+"""The default SQLite store under parallel experiments (`dvc queue start -j 2`)."""
+
+import subprocess
+import sys
+
+from tests.conftest import clean_env
+
+OPEN = "from stages.lib import tracking; print(tracking.open_experiment('sweep'))"
+
+
+def test_parallel_stages_on_a_new_mlflow_db_all_get_the_experiment(tmp_path):
+    # Without the setup lock, MLflow's schema migration races and one process fails
+    # ("Online migration expected to match one row ... 0 found").
+    env = clean_env(tmp_path)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in processes]
+    assert [code for code, _, _ in results] == [0] * 4, [err.strip().splitlines()[-1:] for _, _, err in results]
+    assert len({out.strip() for _, out, _ in results}) == 1  # one experiment, the same id for all
+    assert (tmp_path / "mlflow.db").is_file()
