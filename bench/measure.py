@@ -13,6 +13,14 @@
    command timed is exactly `dvc exp run -S epochs=10`.
 6. no-op `dvc repro` (everything up to date); one extra in-process run checks that it imports
    no TensorFlow.
+8. the fixed cost of one experiment: `dvc exp run -S epochs=1` (run cache deleted first, as in 5)
+   minus one steady-state epoch of 2: everything in an experiment that is not training.
+9. sweep throughput: four queued experiments (`dvc exp run --queue -S hidden_layer_size=...`,
+   five epochs each), run with `dvc queue start -j 1`, then four others with `-j 2`; wall time
+   from the start of the queue until the last one has finished (one run each: ~4 minutes).
+10. with the team stack (PostgreSQL, S3, MLflow server; started for this, on this machine):
+   training that logs every epoch to SQLite, then to the server, alternating; and
+   `dvc exp run -S epochs=10` against the server.
 7. peak memory (max RSS, from os.wait4) and wall time of each stage, run as `python -m stages.<name>`.
 
 DVC only ever runs in a throwaway git copy of the repository (its tracked and new, not ignored,
@@ -213,6 +221,21 @@ def measure(repeats: int, runner: Runner, keep_copy: bool) -> tuple[dict[str, li
             samples["dvc_exp_run_10_s"].append(experiment.seconds)
             progress(f"dvc exp run -S epochs=10 {rep}/{repeats}: {experiment.seconds:.1f} s")
 
+        for rep in range(1, repeats + 1):
+            git(copy, "checkout", "-q", "HEAD", "--", ".")
+            shutil.rmtree(copy / ".dvc" / "cache" / "runs", ignore_errors=True)
+            experiment = runner.run([dvc, "exp", "run", "-S", "epochs=1"], copy, f"dvc-exp-run-1-epoch-{rep}")
+            samples["dvc_exp_run_1_s"].append(experiment.seconds)
+            progress(f"dvc exp run -S epochs=1 {rep}/{repeats}: {experiment.seconds:.1f} s")
+        epoch = statistics.median(samples["pipeline_epoch_s"])
+        samples["experiment_fixed_cost_s"] = [seconds - epoch for seconds in samples["dvc_exp_run_1_s"]]
+
+        for jobs, sizes in ((1, "32,40,64,72"), (2, "33,41,65,73")):
+            git(copy, "checkout", "-q", "HEAD", "--", ".")
+            seconds = measure_sweep(runner, copy, dvc, jobs, sizes)
+            samples[f"sweep_4_j{jobs}_s"].append(seconds)
+            progress(f"sweep of 4 experiments at -j {jobs}: {seconds:.1f} s")
+
         measure_tracking_server(repeats, runner, copy, dvc, samples)
 
         git(copy, "checkout", "-q", "HEAD", "--", ".")
@@ -229,6 +252,31 @@ def measure(repeats: int, runner: Runner, keep_copy: bool) -> tuple[dict[str, li
             shutil.rmtree(copy, ignore_errors=True)
             shutil.rmtree(site_cache_dir, ignore_errors=True)
     return samples, facts
+
+
+def measure_sweep(runner: Runner, copy: Path, dvc: str, jobs: int, sizes: str) -> float:
+    """Queue four experiments (hidden_layer_size=`sizes`), run the queue with `jobs` workers, wait
+    until none is queued or running; return the seconds from the start of the queue, checking all
+    four succeeded."""
+    runner.run([dvc, "exp", "run", "--queue", "-S", f"hidden_layer_size={sizes}"], copy, f"sweep-queue-j{jobs}")
+    start = time.perf_counter()
+    runner.run([dvc, "queue", "start", "-j", str(jobs)], copy, f"sweep-start-j{jobs}")
+    while True:
+        time.sleep(2)
+        status = subprocess.run(
+            [dvc, "queue", "status"], cwd=copy, env=runner.env, capture_output=True, text=True, check=True
+        ).stdout
+        if not any(word in status.split() for word in ("Queued", "Running")):
+            break
+    seconds = time.perf_counter() - start
+    (runner.log_dir / f"sweep-status-j{jobs}.log").write_text(status)
+    succeeded = status.split().count("Success")
+    failed = status.split().count("Failed")
+    if failed or succeeded < 4:
+        raise BenchError(f"sweep at -j {jobs}: {succeeded} succeeded, {failed} failed:\n{status}")
+    runner.run([dvc, "queue", "remove", "--all"], copy, f"sweep-remove-j{jobs}")
+    runner.run([dvc, "queue", "stop"], copy, f"sweep-stop-j{jobs}")
+    return seconds
 
 
 def measure_tracking_server(repeats: int, runner: Runner, copy: Path, dvc: str, samples: dict) -> None:

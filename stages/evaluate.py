@@ -1,10 +1,12 @@
 """evaluate: models/model.keras on data/prepared/test.tfrecord -> metrics/evaluate.json, per-class
-metrics and the confusion matrix; recorded in the MLflow run that trained the model."""
+metrics and the confusion matrix; recorded in the MLflow run that trained the model (test metrics,
+the per-class table, the confusion matrix figure)."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
     import keras
     import mlflow
 
+# In the run, one table rather than 20 per-class metrics (each of which the MLflow UI draws as a chart).
+PER_CLASS_TABLE = "per_class.json"
+
 
 def load_model(path: Path) -> keras.Model:
     import keras
@@ -44,12 +49,25 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
 
 
 def per_class_metrics(matrix: np.ndarray) -> dict[str, dict[str, float]]:
-    """Precision and recall of each digit (0.0 where the digit is never predicted / never present)."""
+    """Precision, recall, F1 and support (test images of the digit) of each digit; 0.0 where the digit
+    is never predicted / never present."""
     correct = np.diag(matrix).astype(float)
     predicted, actual = matrix.sum(axis=0), matrix.sum(axis=1)
     precision = np.divide(correct, predicted, out=np.zeros(NUM_CLASSES), where=predicted > 0)
     recall = np.divide(correct, actual, out=np.zeros(NUM_CLASSES), where=actual > 0)
-    return {str(d): {"precision": float(precision[d]), "recall": float(recall[d])} for d in range(NUM_CLASSES)}
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros(NUM_CLASSES), where=both > 0)
+    return {
+        str(d): {"precision": float(precision[d]), "recall": float(recall[d]), "f1": float(f1[d]), "support": int(n)}
+        for d, n in enumerate(actual)
+    }
+
+
+def per_class_table(per_class: dict[str, dict[str, float]]) -> dict[str, list]:
+    """One row per digit, in the format of mlflow.log_table (pandas' "split" JSON without index).
+    Rounded to 4 decimals (one test image of a digit is about 0.001), so the UI's columns stay narrow."""
+    columns = ["digit", *next(iter(per_class.values()))]
+    return {"columns": columns, "data": [[int(d), *(round(v, 4) for v in m.values())] for d, m in per_class.items()]}
 
 
 def evaluate(model: keras.Model, examples: Examples) -> dict[str, Any]:
@@ -64,8 +82,11 @@ def format_report(results: dict[str, Any], per_class: dict[str, dict[str, float]
     lines = [
         # The notebook's own line, for comparison.
         "Test loss: {:.2f}. Test accuracy: {:.2f}%".format(results["test_loss"], results["test_accuracy"] * 100.0),
-        "digit  precision  recall",
-        *(f"{d:>5}  {m['precision']:9.4f}  {m['recall']:6.4f}" for d, m in per_class.items()),
+        "digit  precision  recall      f1  support",
+        *(
+            f"{d:>5}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:6.4f}  {m['support']:7d}"
+            for d, m in per_class.items()
+        ),
         "confusion matrix (rows: actual, columns: predicted)",
         "     " + "".join(f"{d:>6}" for d in range(NUM_CLASSES)),
         *(f"{a:>5}" + "".join(f"{n:>6}" for n in row) for a, row in enumerate(matrix)),
@@ -126,11 +147,27 @@ def evaluation_run(experiment_id: str, model_md5: str, params: Params) -> Iterat
         yield run
 
 
-def log_evaluation(metrics: dict[str, float], matrix: np.ndarray) -> None:
-    """Test metrics and the confusion matrix figure, into the active run."""
+def log_table(table: dict[str, list], artifact_file: str) -> None:
+    """What mlflow.log_table does, into the active run, except that it replaces the file instead of
+    appending the rows to it: evaluating the same run again (`dvc repro -f`) leaves one row per digit.
+    Listed once in the run's tag mlflow.loggedArtifacts, which makes the UI show the file as a table."""
+    import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    mlflow.log_dict(table, artifact_file)
+    run_id = mlflow.active_run().info.run_id
+    logged = json.loads(mlflow.MlflowClient().get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": artifact_file, "type": "table"}
+    if entry not in logged:
+        mlflow.set_tag(MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+
+
+def log_evaluation(metrics: dict[str, float], per_class: dict[str, dict[str, float]], matrix: np.ndarray) -> None:
+    """Test metrics, the per-class table and the confusion matrix figure, into the active run."""
     import mlflow
 
     mlflow.log_metrics(metrics)
+    log_table(per_class_table(per_class), PER_CLASS_TABLE)
     with tempfile.TemporaryDirectory() as folder:
         figure = Path(folder) / "confusion_matrix.png"
         confusion_figure(matrix, figure)
@@ -156,8 +193,7 @@ def main() -> None:
         per_class = per_class_metrics(matrix)
         print(format_report(results, per_class, matrix), flush=True)
         metrics = {"test_loss": results["test_loss"], "test_accuracy": results["test_accuracy"]}
-        flat_per_class = {f"test_{name}_{d}": value for d, m in per_class.items() for name, value in m.items()}
-        log_evaluation({**metrics, **flat_per_class}, matrix)
+        log_evaluation(metrics, per_class, matrix)
         write_json(paths.PER_CLASS_METRICS, per_class)
         write_confusion_csv(paths.CONFUSION, test.labels, results["predictions"])
         write_json(paths.EVALUATE_METRICS, metrics)

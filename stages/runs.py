@@ -2,6 +2,7 @@
 
 Usage: python -m stages.runs [NAME ...]   (names as `dvc exp show` gives them; default: every row)
 The link is the model file's MD5, which DVC records and the training run carries as tag model.md5.
+Ends with the link that opens the experiment's runs in the MLflow UI.
 """
 
 from __future__ import annotations
@@ -11,6 +12,16 @@ from stages.common.errors import StageError
 from stages.common.params import load_params
 from stages.lib import tracking
 from stages.lib.experiments import list_experiments
+
+# Where `mlflow ui` serves by default, for a store that is not a server (our SQLite database).
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def ui_link(tracking_uri: str, experiment_id: str) -> str:
+    """The experiment's runs table in the MLflow UI. Without workflowType=machine_learning, MLflow 3's UI
+    opens an experiment as a GenAI one (traces), whatever the experiment's tags say."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def main(names: list[str]) -> None:
@@ -33,6 +44,7 @@ def main(names: list[str]) -> None:
         shown = f"{accuracy:.4f}" if accuracy is not None else "-"
         row = f"{experiment.name:<20} {md5:<10} {run.info.run_id:<33} {run.info.status:<9} {shown:>8}"
         print(f"{row}  {run.info.run_name}")
+    print(f"MLflow UI: {ui_link(tracking.tracking_uri(), experiment_id)}")
 
 
 if __name__ == "__main__":

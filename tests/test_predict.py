@@ -84,12 +84,20 @@ def parse(stdout: str) -> list[tuple[str, int, list[tuple[int, float]]]]:
 
 @pytest.fixture(scope="module")
 def fixed_model(tmp_path_factory):
-    """(.keras file, model, weights): Flatten -> Dense(10, softmax), seeded random weights."""
+    """(.keras file, model, weights): uint8 pixels -> /255 -> Flatten -> Dense(10, softmax), seeded random
+    weights; the same input contract as the pipeline's model."""
     import keras
 
     rng = np.random.default_rng(0)
     weights = [rng.normal(0.0, 0.1, (784, 10)).astype(np.float32), rng.normal(0.0, 0.5, 10).astype(np.float32)]
-    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10, "softmax")])
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1), dtype="uint8"),
+            keras.layers.Rescaling(1 / 255),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, "softmax"),
+        ]
+    )
     model.set_weights(weights)
     path = tmp_path_factory.mktemp("model") / "fixed.keras"
     model.save(path)
@@ -123,11 +131,11 @@ def check_answers(stdout: str, images: list[Path], weights) -> None:
     assert len({tuple(d for d, _ in top) for _, _, top in answers}) > 1  # the images do get different answers
 
 
-def test_model_input_is_float32_images_scaled_to_0_1():
+def test_model_input_is_the_raw_uint8_pixels_with_a_channel_axis():
     digits = np.array([[[0, 51], [255, 128]]], dtype=np.uint8)
     inputs = predict.model_input(digits)
-    assert inputs.dtype == np.float32 and inputs.shape == (1, 2, 2, 1)
-    np.testing.assert_array_equal(inputs[0, :, :, 0], np.float32([[0.0, 0.2], [1.0, 128 / 255]]))
+    assert inputs.dtype == np.uint8 and inputs.shape == (1, 2, 2, 1)
+    np.testing.assert_array_equal(inputs[0, :, :, 0], digits[0])  # the model scales them itself
 
 
 def test_describe_gives_the_digit_and_the_three_likeliest_in_order():

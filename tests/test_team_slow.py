@@ -142,7 +142,7 @@ def test_two_machines_share_experiments_outputs_and_runs_with_a_third(origin, st
         run(["dvc", "pull"], c, team_env(stack))
         assert stages_run(run(["dvc", "repro"], c, team_env(stack))) == []  # no retraining
 
-        [row] = run(["python", "-m", "stages.runs", name], c, team_env(stack)).stdout.splitlines()[2:]
+        [row] = run(["python", "-m", "stages.runs", name], c, team_env(stack)).stdout.splitlines()[2:-1]
         [found] = client.search_runs([experiment_id], f"tags.`{MODEL_TAG}` = '{md5(c / 'models/model.keras')}'")
         assert row.split()[2] == found.info.run_id and found.info.run_name == name
         assert found.info.status == "FINISHED"

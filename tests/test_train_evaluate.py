@@ -16,8 +16,8 @@ from stages import evaluate
 from stages.common import paths
 from stages.common.cli import Terminated
 from stages.common.errors import StageError
+from stages.common.params import parse_params
 from stages.lib import tracking
-from stages.lib.model import build_model
 from stages.train import HISTORY_COLUMNS, save_model, train
 from tests.conftest import REAL_PARAMS, repository_params, write_stage_inputs
 
@@ -37,19 +37,6 @@ def trained(data):
 
 def weights_equal(a, b):
     return all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights(), strict=True))
-
-
-@pytest.mark.parametrize("hidden_layers, parameters", [(2, 784 * 50 + 50 + 50 * 50 + 50 + 50 * 10 + 10), (0, 7850)])
-def test_build_model_has_the_notebooks_architecture(hidden_layers, parameters):
-    model = build_model(repository_params(hidden_layers=hidden_layers, hidden_layer_size=50))
-    dense = [layer for layer in model.layers if layer.__class__.__name__ == "Dense"]
-    assert len(dense) == hidden_layers + 1
-    assert [layer.units for layer in dense] == [50] * hidden_layers + [10]
-    assert model.count_params() == parameters
-    assert model.input_shape == (None, 28, 28, 1)
-    assert not model.compiled  # compiling for training is train's job
-    probabilities = model.predict(np.random.default_rng(0).random((3, 28, 28, 1)), verbose=0)
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
 def test_train_returns_one_row_per_epoch_and_learns(trained):
@@ -98,7 +85,7 @@ def test_evaluate_accuracy_is_the_share_of_correct_argmax_predictions(trained, d
     model, _ = trained
     validation = data[1]
     results = evaluate.evaluate(model, validation)
-    expected = np.argmax(model.predict(validation.images.astype(np.float32) / 255.0, verbose=0), axis=1)
+    expected = np.argmax(model.predict(validation.images, verbose=0), axis=1)
     np.testing.assert_array_equal(results["predictions"], expected)
     assert results["test_accuracy"] == pytest.approx(np.mean(expected == validation.labels))
 
@@ -110,12 +97,16 @@ def test_confusion_matrix_and_per_class_metrics_by_hand():
     assert matrix.shape == (10, 10) and matrix.sum() == 7
     assert (matrix[0, 0], matrix[0, 1], matrix[1, 1], matrix[2, 2], matrix[2, 0], matrix[3, 2]) == (1, 1, 1, 2, 1, 1)
     metrics = evaluate.per_class_metrics(matrix)
-    assert metrics["0"] == {"precision": 0.5, "recall": 0.5}
-    assert metrics["1"] == {"precision": 0.5, "recall": 1.0}
-    assert metrics["2"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3})
-    assert metrics["3"] == {"precision": 0.0, "recall": 0.0}  # present, never predicted
-    assert metrics["9"] == {"precision": 0.0, "recall": 0.0}  # absent
+    assert metrics["0"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert metrics["1"] == pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1})
+    assert metrics["2"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+    assert metrics["3"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}  # present, never predicted
+    assert metrics["9"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}  # absent
     assert list(metrics) == [str(d) for d in range(10)]
+    table = evaluate.per_class_table(metrics)
+    assert table["columns"] == ["digit", "precision", "recall", "f1", "support"]
+    assert table["data"][:2] == [[0, 0.5, 0.5, 0.5, 2], [1, 0.5, 1.0, 0.6667, 1]]  # rounded to 4 decimals
+    assert [row[0] for row in table["data"]] == list(range(10))
 
 
 def test_load_model_errors_name_the_file(tmp_path):
@@ -244,16 +235,42 @@ def test_a_run_cache_restored_model_finds_the_newest_evaluated_run_and_never_a_d
     assert tracking.find_training_run(experiment_id, "e" * 32).info.run_id == newest
 
 
+def log_evaluation_of(labels, predictions):
+    """evaluate.log_evaluation of these labels and predictions, with test_accuracy 0.5."""
+    matrix = evaluate.confusion_matrix(np.array(labels), np.array(predictions))
+    evaluate.log_evaluation({"test_accuracy": 0.5}, evaluate.per_class_metrics(matrix), matrix)
+
+
 def test_evaluation_is_recorded_in_the_training_run(experiment):
     experiment_id, client = experiment
     trained = training_run(experiment_id, "f" * 32)
     with evaluate.evaluation_run(experiment_id, "f" * 32, SMALL) as run:
-        evaluate.log_evaluation({"test_accuracy": 0.5}, evaluate.confusion_matrix(np.array([1, 2]), np.array([1, 1])))
+        log_evaluation_of([1, 2], [1, 1])
     assert run.info.run_id == trained
     recorded = client.get_run(trained)
     assert recorded.data.metrics["test_accuracy"] == 0.5
     assert recorded.info.status == "FINISHED"
-    assert [a.path for a in client.list_artifacts(trained)] == ["confusion_matrix.png"]
+    assert [a.path for a in client.list_artifacts(trained)] == ["confusion_matrix.png", "per_class.json"]
+
+
+def test_evaluating_a_run_again_replaces_its_per_class_table_and_lists_it_once(experiment):
+    # mlflow.log_table would append the second evaluation's rows to the first's.
+    import mlflow
+
+    experiment_id, client = experiment
+    trained = training_run(experiment_id, "2" * 32)
+    client.set_tag(trained, "mlflow.loggedArtifacts", json.dumps([{"path": "other.json", "type": "table"}]))
+    for predictions in ([0, 0, 0], [0, 1, 2]):
+        with evaluate.evaluation_run(experiment_id, "2" * 32, SMALL):
+            log_evaluation_of([0, 1, 2], predictions)
+    table = mlflow.artifacts.load_dict(f"runs:/{trained}/per_class.json")
+    assert [row[0] for row in table["data"]] == list(range(10))
+    assert [row[2] for row in table["data"][:3]] == [1.0, 1.0, 1.0]  # recall of the second evaluation
+    listed = json.loads(client.get_run(trained).data.tags["mlflow.loggedArtifacts"])
+    assert listed == [{"path": "other.json", "type": "table"}, {"path": "per_class.json", "type": "table"}]
+    # As MLflow's own reader of logged tables sees it:
+    loaded = client.load_table(experiment_id, "per_class.json", run_ids=[trained])
+    assert loaded["digit"].tolist() == list(range(10))
 
 
 @pytest.mark.parametrize(
@@ -271,13 +288,13 @@ def test_evaluation_of_a_model_no_run_here_trained_gets_its_own_run(experiment, 
     experiment_id, client = experiment
     monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
     with evaluate.evaluation_run(experiment_id, "9" * 32, SMALL) as run:
-        evaluate.log_evaluation({"test_accuracy": 1.0}, evaluate.confusion_matrix(np.array([3]), np.array([3])))
+        log_evaluation_of([3], [3])
     recorded = client.get_run(run.info.run_id)
     assert recorded.info.run_name == "exp-a-evaluate"
     assert recorded.data.tags[tracking.EVALUATED_MODEL_TAG] == "9" * 32
     assert tracking.MODEL_TAG not in recorded.data.tags  # so it is never taken for a training run
     assert recorded.data.params["epochs"] == str(SMALL.epochs)
-    assert recorded.data.metrics["test_accuracy"] == 1.0
+    assert recorded.data.metrics["test_accuracy"] == 0.5
 
 
 def test_connect_to_a_deleted_experiment_says_how_to_restore_it(experiment):
@@ -356,7 +373,7 @@ def test_training_run_records_params_metrics_tags_and_artifacts(pipeline_mlflow)
     root, params, _, client, run = pipeline_mlflow
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == params["mlflow_experiment"]
-    assert run.data.params == {key: str(value) for key, value in params.items()}
+    assert run.data.params == {key: str(value) for key, value in parse_params(params).as_dict().items()}
 
     history = read_csv(root / paths.TRAIN_HISTORY)
     for name in HISTORY_COLUMNS[1:]:
@@ -367,16 +384,46 @@ def test_training_run_records_params_metrics_tags_and_artifacts(pipeline_mlflow)
     evaluation = read_json(root / paths.EVALUATE_METRICS)
     assert run.data.metrics["test_accuracy"] == pytest.approx(evaluation["test_accuracy"])
     assert run.data.metrics["test_loss"] == pytest.approx(evaluation["test_loss"])
-    assert {f"test_{m}_{d}" for m in ("precision", "recall") for d in range(10)} <= set(run.data.metrics)
+    # Per-class results are one table (below), not 20 metrics the UI would draw as 20 charts.
+    assert {name for name in run.data.metrics if name.startswith("test_")} == {"test_accuracy", "test_loss"}
 
     assert {"git.commit", "data.train.md5", "data.validation.md5"} <= set(run.data.tags)
     assert "dvc.experiment" not in run.data.tags  # run outside `dvc exp run`
     assert run.data.tags["data.train.md5"] == hashlib.md5((root / paths.SPLIT_TRAIN).read_bytes()).hexdigest()
 
-    assert "confusion_matrix.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert {"confusion_matrix.png", "per_class.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     # The default store keeps artifacts beside the database, not in ./mlruns of the working directory.
     assert run.info.artifact_uri.startswith((root / tracking.ARTIFACTS_DIR).as_uri())
     assert list((root / tracking.ARTIFACTS_DIR).rglob("confusion_matrix.png"))
+
+
+def test_per_class_table_in_the_run_agrees_with_the_confusion_matrix(pipeline_mlflow):
+    import mlflow
+
+    root, _, _, _, run = pipeline_mlflow
+    confusion = read_csv(root / paths.CONFUSION)
+    matrix = evaluate.confusion_matrix(
+        np.array([int(row["actual"]) for row in confusion]), np.array([int(row["predicted"]) for row in confusion])
+    )
+    table = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/per_class.json")
+    assert table["columns"] == ["digit", "precision", "recall", "f1", "support"]
+    digits, precision, recall, f1, support = (np.array(column) for column in zip(*table["data"], strict=True))
+    np.testing.assert_array_equal(digits, np.arange(10))
+    np.testing.assert_array_equal(support, matrix.sum(axis=1))
+    present, predicted = support > 0, matrix.sum(axis=0) > 0
+    rounded = {"rtol": 0, "atol": 5e-5}  # 4 decimals
+    np.testing.assert_allclose(recall[present], np.diag(matrix)[present] / support[present], **rounded)
+    correct_share = np.diag(matrix)[predicted] / matrix.sum(axis=0)[predicted]
+    np.testing.assert_allclose(precision[predicted], correct_share, **rounded)
+    np.testing.assert_array_equal(recall[~present], 0.0)
+    scored = precision + recall > 0
+    harmonic_mean = 2 * precision[scored] * recall[scored] / (precision + recall)[scored]
+    np.testing.assert_allclose(f1[scored], harmonic_mean, rtol=0, atol=2e-4)  # of rounded numbers
+    assert json.loads(run.data.tags["mlflow.loggedArtifacts"]) == [{"path": "per_class.json", "type": "table"}]
+    # The DVC output holds the same numbers, unrounded, F1 included.
+    columns = table["columns"][1:]
+    dvc_rows = [[int(d), *(m[c] for c in columns)] for d, m in read_json(root / paths.PER_CLASS_METRICS).items()]
+    assert table["data"] == [pytest.approx(row, abs=5e-5) for row in dvc_rows]
 
 
 def test_logged_mlflow_model_predicts_like_the_saved_keras_model_and_quietly(pipeline_mlflow, capfd):
@@ -384,7 +431,7 @@ def test_logged_mlflow_model_predicts_like_the_saved_keras_model_and_quietly(pip
     import mlflow
 
     root, _, test, _, run = pipeline_mlflow
-    inputs = test.images[:20].astype(np.float32) / 255.0
+    inputs = test.images[:20]
     logged = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     capfd.readouterr()
     predicted = np.asarray(logged.predict(inputs))

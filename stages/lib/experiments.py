@@ -1,5 +1,5 @@
-"""DVC experiments as `dvc exp show --json` reports them: name, params, metrics, and the model file's MD5
-by which tracking.find_training_run finds the MLflow run that trained it."""
+"""DVC experiments as `dvc exp show --json` reports them: name, params, metrics, the model file's MD5
+by which tracking.find_training_run finds the MLflow run that trained it, and the test data's MD5."""
 
 from __future__ import annotations
 
@@ -19,13 +19,15 @@ class Experiment(NamedTuple):
     params: dict[str, Any]
     metrics: dict[str, Any]  # every metrics file's keys, merged
     model_md5: str | None  # None where the row has no model (an experiment that failed)
+    test_data_md5: str | None  # of the test records evaluate read, as DVC recorded them
 
 
 def _row(name: str, rev: str, data: dict[str, Any]) -> Experiment:
     params = {k: v for file in (data.get("params") or {}).values() for k, v in (file.get("data") or {}).items()}
     metrics = {k: v for file in (data.get("metrics") or {}).values() for k, v in (file.get("data") or {}).items()}
-    model = (data.get("deps") or {}).get(str(paths.MODEL)) or {}
-    return Experiment(name, rev, params, metrics, model.get("hash"))
+    deps = data.get("deps") or {}
+    model, test_data = deps.get(str(paths.MODEL)) or {}, deps.get(str(paths.PREPARED_TEST)) or {}
+    return Experiment(name, rev, params, metrics, model.get("hash"), test_data.get("hash"))
 
 
 def list_experiments(repo: Path = Path()) -> list[Experiment]:
