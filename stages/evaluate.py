@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.common import paths
-from stages.common.cli import Timer, import_tensorflow, log, run_stage, signals_held
+from stages.common.cli import Timer, log, run_stage, signals_held, tensorflow_imported_meanwhile
 from stages.common.dataset import NUM_CLASSES, Examples
 from stages.common.errors import StageError, first_line
 from stages.common.outputs import atomic_output, write_json
@@ -180,10 +180,10 @@ def main() -> None:
     if not paths.MODEL.is_file():
         raise StageError(f"{paths.MODEL}: file not found (run `dvc repro train` to create it)")
     model_md5 = tracking.md5(paths.MODEL)
-    experiment_id = tracking.open_experiment(params.mlflow_experiment)
-    for run_id in tracking.close_orphaned_runs(experiment_id):
-        log("evaluate", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
-    import_tensorflow()
+    with tensorflow_imported_meanwhile():
+        experiment_id = tracking.open_experiment(params.mlflow_experiment)
+        for run_id in tracking.close_orphaned_runs(experiment_id):
+            log("evaluate", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
     with evaluation_run(experiment_id, model_md5, params) as run:
         with signals_held():
             model = load_model(paths.MODEL)

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.common import paths
-from stages.common.cli import Timer, import_tensorflow, log, run_stage, signals_held, stop_requested
-from stages.common.dataset import Examples
+from stages.common.cli import Timer, log, run_stage, signals_held, stop_requested, tensorflow_imported_meanwhile
+from stages.common.dataset import IMAGE_SHAPE, NUM_CLASSES, Examples
 from stages.common.outputs import atomic_output, write_json
 from stages.common.params import Params, load_params
 from stages.lib import tracking
@@ -158,19 +158,26 @@ def log_epoch(epoch: int, logs: dict[str, float]) -> mlflow.utils.async_logging.
     return mlflow.log_metrics(metrics, step=epoch + 1, synchronous=False)
 
 
-def log_model(model: keras.Model, saved: Path, examples: Examples) -> None:
-    """Log the saved model file as an MLflow model (stages/lib/served_model.py) with signature and input example."""
+def log_model(saved: Path) -> None:
+    """Log the saved model file as an MLflow model (stages/lib/served_model.py) with its signature:
+    uint8 images (n, 28, 28, 1) in, 10 probabilities out."""
     import keras
     import mlflow
+    import numpy as np
     import tensorflow as tf
+    from mlflow.types import Schema, TensorSpec
 
-    example = examples.images[:5]  # uint8: the signature tells a client to send raw pixels
+    # Written out, not inferred, and no input example: MLflow would run the model to infer the
+    # one and load it back from the logged copy to validate the other (together about a second).
+    signature = mlflow.models.ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *IMAGE_SHAPE))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
+    )
     mlflow.pyfunc.log_model(
         name="model",
         python_model=Path(__file__).parent / "lib" / "served_model.py",
         artifacts={"keras_model": str(saved)},
-        signature=mlflow.models.infer_signature(example, model.predict(example, verbose=0)),
-        input_example=example,
+        signature=signature,
         # Given explicitly: inferring them would load the model again in a subprocess (seconds).
         pip_requirements=[
             f"tensorflow=={tf.__version__}",
@@ -183,10 +190,10 @@ def log_model(model: keras.Model, saved: Path, examples: Examples) -> None:
 def main() -> None:
     timer = Timer()
     params = load_params()
-    experiment_id = tracking.open_experiment(params.mlflow_experiment)
-    for run_id in tracking.close_orphaned_runs(experiment_id):
-        log("train", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
-    import_tensorflow()
+    with tensorflow_imported_meanwhile():
+        experiment_id = tracking.open_experiment(params.mlflow_experiment)
+        for run_id in tracking.close_orphaned_runs(experiment_id):
+            log("train", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
     import keras
     import mlflow
 
@@ -215,7 +222,7 @@ def main() -> None:
         tracking.wait_until_stored(epoch_logging)
         with signals_held():
             save_model(model, paths.MODEL)
-            log_model(model, paths.MODEL, validation_examples)
+            log_model(paths.MODEL)
         model_md5 = tracking.md5(paths.MODEL)
         mlflow.set_tag(tracking.MODEL_TAG, model_md5)
         write_history(paths.TRAIN_HISTORY, history)

@@ -214,7 +214,7 @@ def logged(fixed_model, tmp_path_factory, make_examples):
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         try:
             with tracking.recorded_run(experiment_id=tracking.open_experiment("tests")) as run:
-                log_model(model, path, make_examples(5))
+                log_model(path)
             model_id = mlflow.last_logged_model().model_id
             version = mlflow.register_model(f"models:/{model_id}", "digits").version
             mlflow.MlflowClient().set_registered_model_alias("digits", "champion", version)
