@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.common import paths
-from stages.common.cli import Timer, log, run_stage, signals_held, stop_requested, tensorflow_imported_meanwhile
+from stages.common.cli import Timer, import_tensorflow, log, run_stage, signals_held, stop_requested
 from stages.common.dataset import IMAGE_SHAPE, NUM_CLASSES, Examples
 from stages.common.outputs import atomic_output, write_json
 from stages.common.params import Params, load_params
@@ -190,10 +190,10 @@ def log_model(saved: Path) -> None:
 def main() -> None:
     timer = Timer()
     params = load_params()
-    with tensorflow_imported_meanwhile():
-        experiment_id = tracking.open_experiment(params.mlflow_experiment)
-        for run_id in tracking.close_orphaned_runs(experiment_id):
-            log("train", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
+    experiment_id = tracking.open_experiment(params.mlflow_experiment)
+    for run_id in tracking.close_orphaned_runs(experiment_id):
+        log("train", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
+    import_tensorflow()
     import keras
     import mlflow
 

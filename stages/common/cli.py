@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType, ModuleType
@@ -76,32 +75,6 @@ def import_tensorflow() -> ModuleType:
         os.close(saved_stderr)
         os.close(devnull)
     return tensorflow
-
-
-@contextlib.contextmanager
-def tensorflow_imported_meanwhile() -> Iterator[None]:
-    """Import TensorFlow in a thread while the block runs (a stage opens the MLflow store meanwhile).
-
-    The import (3-4 s) spends much of its time loading shared libraries, which does not hold the
-    GIL, so the two overlap (README: speed). The block's end waits for the import, also on an
-    error, so that stderr (silenced during the import) is back before anything is reported.
-    """
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            import_tensorflow()
-        except BaseException as exc:  # re-raised in the main thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=target, name="import tensorflow", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        thread.join()
-    if failure:
-        raise failure[0]
 
 
 def log(stage: str, message: str) -> None:
