@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 import yaml
 
 from stages.common.records import read_framed
+from stages.lib.input_pipeline import load_examples
 from stages.lib.tracking import MODEL_TAG, md5
 from tests.e2e import changed_stages, experiments_shown, run, stages_run, user_env
 
@@ -150,6 +152,36 @@ def test_experiment_reruns_only_training_and_leaves_a_run_named_after_it(repo):
     assert row.split()[:4] == ["two-epochs", md5(repo / "models/model.keras")[:8], run_.info.run_id, "FINISHED"]
     shown = experiments_shown(repo)
     assert shown["two-epochs"]["metrics/evaluate.json"]["data"]["test_accuracy"] == run_.data.metrics["test_accuracy"]
+
+
+def test_the_whole_search_space_in_one_experiment_trains_reproducibly_and_serves_raw_pixels(repo):
+    # Conv block, dropout, cosine schedule and augmentation at once, one epoch, twice: same model file.
+    space = ["conv_blocks=1", "conv_filters=8", "dropout=0.2", "lr_schedule=cosine", "augment_shift=2"]
+    space += ["augment_rotation=10", "epochs=1"]
+    settings = [arg for setting in space for arg in ("-S", setting)]
+    run(["dvc", "exp", "run", *settings, "-n", "everything"], repo)
+    first = md5(repo / "models/model.keras")
+    run(["git", "checkout", "--", "."], repo)
+    shutil.rmtree(repo / ".dvc" / "cache" / "runs")  # or DVC would restore the model instead of training
+    result = run(["dvc", "exp", "run", *settings, "-n", "everything-again"], repo)
+    assert "train" in stages_run(result)
+    assert md5(repo / "models/model.keras") == first
+
+    [again, once] = runs_of_model(repo)
+    assert (once.info.run_name, again.info.run_name) == ("everything", "everything-again")
+    assert {key: once.data.params[key] for key in ("conv_blocks", "dropout", "lr_schedule", "augment_shift")} == {
+        "conv_blocks": "1", "dropout": "0.2", "lr_schedule": "cosine", "augment_shift": "2"
+    }  # fmt: skip
+    assert once.data.metrics["test_accuracy"] == again.data.metrics["test_accuracy"] > 0.9
+    images = load_examples(repo / "data/prepared/test.tfrecord").images[:200]  # raw uint8 pixels
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    try:
+        served = mlflow.pyfunc.load_model(f"runs:/{once.info.run_id}/model").predict(images)
+    finally:
+        mlflow.set_tracking_uri(None)
+    import keras
+
+    np.testing.assert_array_equal(served, keras.models.load_model(repo / "models/model.keras").predict(images))
 
 
 def logged_model_of(repo, run_id):
