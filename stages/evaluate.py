@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
 # In the run, one table rather than 20 per-class metrics (each of which the MLflow UI draws as a chart).
 PER_CLASS_TABLE = "per_class.json"
-
-
 KERAS_EPSILON = 1e-7  # keras.config.epsilon(): how far from 0 and 1 its cross-entropy clips probabilities
 
 
