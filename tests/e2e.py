@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,3 +69,15 @@ def experiments_shown(repo: Path, env: dict[str, str] | None = None) -> dict:
 def stages_run(result: subprocess.CompletedProcess) -> list[str]:
     """The stages a `dvc repro`/`dvc exp run` ran (DVC has no JSON for this), from its "Running stage" lines."""
     return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")]
+
+
+def wait_until_answering(url: str, server: subprocess.Popen, seconds: float, what: str) -> None:
+    """Poll `url` until it answers; fail if `server` exits or `seconds` pass first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, f"{what} did not start"
+            time.sleep(0.5)

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 
 import mlflow
 import numpy as np
@@ -24,7 +23,7 @@ import yaml
 from stages.common.records import read_framed
 from stages.lib.input_pipeline import load_examples
 from stages.lib.tracking import MODEL_TAG, md5
-from tests.e2e import changed_stages, experiments_shown, run, stages_run, user_env
+from tests.e2e import changed_stages, experiments_shown, run, stages_run, user_env, wait_until_answering
 
 pytestmark = pytest.mark.slow
 
@@ -263,14 +262,7 @@ def tracking_server(tmp_path):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+        wait_until_answering(f"{uri}/health", server, 120, "mlflow server")
         yield uri
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.request
 
 import numpy as np
@@ -21,7 +20,7 @@ from stages.common.errors import StageError
 from stages.lib import tracking
 from stages.lib.experiments import Experiment
 from stages.lib.mnist_sources import load_idx
-from tests.e2e import run, user_env
+from tests.e2e import run, user_env, wait_until_answering
 from tests.test_pipeline_slow import free_port
 
 # name: (validation accuracy, test accuracy). "wide" is best on validation, "deep" on test.
@@ -228,14 +227,7 @@ def test_the_promoted_champion_is_served_by_mlflow_models_serve_and_predicts_lik
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow models serve did not start"
-                time.sleep(0.5)
+        wait_until_answering(f"http://127.0.0.1:{port}/ping", server, 180, "mlflow models serve")
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
             data=json.dumps({"instances": inputs.tolist()}).encode(),
