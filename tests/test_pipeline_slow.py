@@ -213,7 +213,10 @@ def test_parallel_queued_experiments_all_land_complete_in_the_repository_databas
             == run_.data.metrics["test_accuracy"]
         )
         assert logged_model_of(repo, run_.info.run_id) is not None, run_.info.run_name
-        assert [a.path for a in client(repo).list_artifacts(run_.info.run_id)] == ["confusion_matrix.png"]
+        assert [a.path for a in client(repo).list_artifacts(run_.info.run_id)] == [
+            "confusion_matrix.png",
+            "per_class.json",
+        ]
 
 
 def test_evaluate_rerun_on_a_run_cached_model_records_into_the_run_that_trained_it(repo):
@@ -276,7 +279,7 @@ def test_repro_records_a_complete_run_on_a_tracking_server(repo, tracking_server
     assert run_.info.status == "FINISHED"
     assert run_.data.params["epochs"] == str(yaml.safe_load((repo / "params.yaml").read_text())["epochs"])
     assert "test_accuracy" in run_.data.metrics
-    assert [a.path for a in remote.list_artifacts(run_.info.run_id)] == ["confusion_matrix.png"]
+    assert [a.path for a in remote.list_artifacts(run_.info.run_id)] == ["confusion_matrix.png", "per_class.json"]
     mlflow.set_tracking_uri(tracking_server)
     try:
         predictions = mlflow.pyfunc.load_model(f"runs:/{run_.info.run_id}/model").predict(

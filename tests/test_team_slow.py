@@ -153,7 +153,7 @@ def test_two_machines_share_experiments_outputs_and_runs_with_a_third(origin, st
 
         import keras
 
-        images = np.random.default_rng(0).random((8, 28, 28, 1)).astype(np.float32)
+        images = np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)  # raw pixels
         with pytest.MonkeyPatch.context() as patch:
             for key, value in team_env(stack).items():
                 if key.startswith("MLFLOW_"):
