@@ -193,7 +193,7 @@ def main() -> None:
     experiment_id = tracking.open_experiment(params.mlflow_experiment)
     for run_id in tracking.close_orphaned_runs(experiment_id):
         log("train", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
-    import_tensorflow()
+    import_tensorflow(params.numerics)
     import keras
     import mlflow
 
