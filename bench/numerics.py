@@ -1,11 +1,11 @@
-"""Benchmark: what portable numerics cost per epoch, against TensorFlow's native kernels (README: Determinism).
+"""Benchmark: what portable numerics cost per epoch, against TensorFlow's native kernels (docs/determinism.md).
 
 Run from the repository root with the virtualenv's python (its bin directory on PATH):
 
     python bench/numerics.py [--repeats N] [--cnn-epochs N]
 
 In a throwaway copy of the repository where `dvc repro split` made the records, fresh processes
-train the notebook's network (5 epochs), then the README's CNN (`--cnn-epochs` after a first one, 0 to skip), with
+train the notebook's network (5 epochs), then the CNN of docs/search.md (`--cnn-epochs` after a first one, 0 to skip), with
 numerics portable and native alternating; prints each one's median epoch time (epochs 2 and later)
 and the ratio portable / native.
 """

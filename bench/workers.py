@@ -128,7 +128,7 @@ def notebook_worker(num_epochs: int) -> dict[str, Any]:
     }
 
 
-# The README's CNN winner's layers: where the choice of kernels costs most.
+# The CNN winner's layers (docs/search.md): where the choice of kernels costs most.
 CNN = {"conv_blocks": 2, "hidden_layers": 1, "hidden_layer_size": 128}
 
 

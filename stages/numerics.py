@@ -4,8 +4,8 @@ Trains the network params.yaml describes for one short epoch on synthetic images
 kernels its `numerics` selects, and hashes the weights and predictions: every kernel a training
 uses, at its shapes, in a few seconds. Compares that fingerprint with the one recorded beside the
 committed baseline (data/baseline/machine.json). The same: `make repro` here gives the committed
-model file byte for byte. Different: it gives metrics within the tolerances of README:
-Determinism, and `make restore` brings the committed outputs back.
+model file byte for byte. Different: it gives metrics within the tolerances of
+docs/determinism.md, and `make restore` brings the committed outputs back.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from stages.common.params import Params, load_params
 
 BASELINE_MACHINE = Path("data/baseline/machine.json")
 FINGERPRINT_IMAGES = 1000  # ten training steps at the default batch size
-# The instruction sets TensorFlow's run-time dispatch looks at (README: Determinism).
+# The instruction sets TensorFlow's run-time dispatch looks at (docs/determinism.md).
 DISPATCHED_ON = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
 
 
@@ -94,7 +94,7 @@ def main(record: bool, as_json: bool) -> None:
     if same:
         print("the same bits: `make repro` reproduces the committed model file byte for byte")
     else:
-        print("different bits: `make repro` gives metrics close to the committed ones (README: Determinism)")
+        print("different bits: `make repro` gives metrics close to the committed ones (docs/determinism.md)")
 
 
 def arguments(parser) -> None:

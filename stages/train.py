@@ -27,7 +27,7 @@ HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 
 # Up to 1000 optimizer steps per compiled call instead of one (a whole epoch at the notebook's
 # batch size): Keras' per-step Python overhead dominates a model this small. Same batches, same
-# order, same weights (see README: speed).
+# order, same weights (see docs/speed.md).
 TRAINING_STEPS_PER_EXECUTION = 1000
 
 # What the saved model file records instead of the save time, so that same weights => same bytes.

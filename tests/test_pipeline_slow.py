@@ -53,7 +53,7 @@ def as_committed(repo, path: str) -> str:
 
 # How far a CPU that computes other bits than the baseline's may land from the committed metrics:
 # three times the largest deviation measured across kernels, thread counts and instruction sets
-# (README: Determinism): test and validation accuracy 0.0010, losses 0.83 % of their value.
+# (docs/determinism.md): test and validation accuracy 0.0010, losses 0.83 % of their value.
 ACCURACY_TOLERANCE = 0.003
 LOSS_TOLERANCE = 0.03
 

@@ -63,7 +63,7 @@ def stop_requested() -> bool:
     return _held_signal is not None
 
 
-# What `numerics: portable` sets before TensorFlow loads (README: Determinism). TensorFlow picks
+# What `numerics: portable` sets before TensorFlow loads (docs/determinism.md). TensorFlow picks
 # kernels by CPU at run time: oneDNN's ops where the CPU has AVX-512 VNNI/BF16 or AMX, and a
 # oneDNN matrix-multiply kernel inside its own ops, each dispatched on the instruction set. Off,
 # Eigen's kernels compiled into the wheel do all the arithmetic, on one thread (more threads
