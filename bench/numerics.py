@@ -5,9 +5,9 @@ Run from the repository root with the virtualenv's python (its bin directory on 
     python bench/numerics.py [--repeats N] [--cnn-epochs N]
 
 In a throwaway copy of the repository where `dvc repro split` made the records, fresh processes
-train the notebook's network (5 epochs), then the CNN of docs/search.md (`--cnn-epochs` after a first one, 0 to skip), with
-numerics portable and native alternating; prints each one's median epoch time (epochs 2 and later)
-and the ratio portable / native.
+train the notebook's network (5 epochs), then the CNN of docs/search.md (`--cnn-epochs` after a
+first one, 0 to skip), with numerics portable and native alternating; prints each one's median
+epoch time (epochs 2 and later) and the ratio portable / native.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from tests.e2e import clone_repository, run  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each setting (default 3)")
-    parser.add_argument("--cnn-epochs", type=int, default=2, help="timed epochs of each CNN run, after a first one (default 2; 0: no CNN)")
+    parser.add_argument(
+        "--cnn-epochs", type=int, default=2, help="timed CNN epochs after a first one (default 2; 0: no CNN)"
+    )
     args = parser.parse_args()
     copy = clone_repository(Path(tempfile.mkdtemp(prefix="mnist-bench-numerics-")))
     run(["dvc", "repro", "split"], copy)
