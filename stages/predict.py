@@ -1,6 +1,6 @@
 """predict: the digit in each image file (PNG, JPEG...; any size, dark on light or light on dark); not a stage.
 
-Usage: python -m stages.predict [--model MODEL] IMAGE ...
+Usage: python -m stages.predict [--model MODEL] IMAGE ...   (in the repository root; the images can be anywhere)
 
 MODEL: a .keras file (default: models/model.keras) or an MLflow model URI (models:/mnist-dnn@champion,
 runs:/<run id>/model, models:/m-<model id>) in the project's store (MLFLOW_TRACKING_URI, else mlflow.db).

@@ -161,7 +161,7 @@ def test_bad_images_are_one_line_each_and_the_others_are_still_answered(fixed_mo
     (tmp_path / "folder").mkdir()
     bad = {
         "note.png": "not an image (or not a format Pillow can read)",
-        "empty.jpg": "not an image (or not a format Pillow can read)",
+        "empty.jpg": "the file is empty (0 bytes)",
         "white.png": "blank image: no digit found (contrast 0 of 255, need 32)",
         "missing.png": "cannot read the image: No such file or directory",
         "folder": "cannot read the image: Is a directory",
@@ -171,6 +171,18 @@ def test_bad_images_are_one_line_each_and_the_others_are_still_answered(fixed_mo
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f"predict: error: {name}: {problem}" for name, problem in bad.items()]
     check_answers(result.stdout, images, weights)
+
+
+def test_it_runs_in_the_repository_root_on_images_anywhere_and_elsewhere_python_finds_no_stages(
+    fixed_model, images, tmp_path
+):
+    """What the README says: run it in the repository root (as installed, the venv has no `stages` package)."""
+    env = {k: v for k, v in clean_env(tmp_path).items() if k not in ("PYTHONPATH", "DVC_ROOT")}
+    elsewhere = run_predict(tmp_path, "--help", env=env)
+    assert elsewhere.returncode == 1 and "No module named 'stages'" in elsewhere.stderr
+    result = run_predict(REPO, "--model", fixed_model[0], *images, env=env)  # absolute paths, in another folder
+    assert (result.returncode, result.stderr) == (0, "")
+    check_answers(result.stdout, images, fixed_model[2])
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,8 @@ def load_image(path: str | Path) -> np.ndarray:
         with Image.open(path) as image:
             gray = grayscale(ImageOps.exif_transpose(image))
     except UnidentifiedImageError:
+        if Path(path).stat().st_size == 0:
+            raise StageError(f"{path}: the file is empty (0 bytes)") from None
         raise StageError(f"{path}: not an image (or not a format Pillow can read)") from None
     except IMAGE_ERRORS as exc:  # missing, a folder, truncated, corrupt, too large
         raise StageError(f"{path}: cannot read the image: {getattr(exc, 'strerror', None) or first_line(exc)}") from exc
