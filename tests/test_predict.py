@@ -25,7 +25,9 @@ from stages.lib.digit_images import load_image, to_mnist
 from tests.conftest import REPO, clean_env, repository_params
 
 TEST_IMAGES = REPO / "data/raw/mnist/t10k-images-idx3-ubyte.gz"
-LINE = re.compile(r"(?P<path>.+): (?P<digit>\d)  \((?P<top>\d \d+\.\d%, \d \d+\.\d%, \d \d+\.\d%)\)")
+LINE = re.compile(
+    r"(?P<path>.+): (?P<digit>\d)  \((?P<top>\d \d+\.\d%, \d \d+\.\d%, \d \d+\.\d%)\)(?P<doubtful>  doubtful)?"
+)
 
 # How a digit is written to a file: format, scale, canvas (times the digit's size), where on it, ink and paper.
 STYLES = [
@@ -75,6 +77,8 @@ def parse(stdout: str) -> list[tuple[str, int, list[tuple[int, float]]]]:
         match = LINE.fullmatch(line)
         assert match, f"unexpected output line: {line!r}"
         top = [(int(d), float(p.rstrip("%")) / 100) for d, p in (item.split() for item in match["top"].split(", "))]
+        if abs(top[0][1] - predict.DOUBTFUL_BELOW) > 0.0005:  # printed to 0.1 %: 90.0% may be either
+            assert bool(match["doubtful"]) == (top[0][1] < predict.DOUBTFUL_BELOW), line
         parsed.append((match["path"], int(match["digit"]), top))
     return parsed
 
@@ -140,8 +144,15 @@ def test_model_input_is_the_raw_uint8_pixels_with_a_channel_axis():
 
 def test_describe_gives_the_digit_and_the_three_likeliest_in_order():
     probabilities = np.array([0.01, 0.2, 0.0, 0.7, 0.0, 0.0, 0.0, 0.034, 0.001, 0.055])
-    assert predict.describe(probabilities) == "3  (3 70.0%, 1 20.0%, 9 5.5%)"
-    assert predict.describe(np.full(10, 0.1)) == "0  (0 10.0%, 1 10.0%, 2 10.0%)"  # ties: the lower digit first
+    assert predict.describe(probabilities) == "3  (3 70.0%, 1 20.0%, 9 5.5%)  doubtful"
+    assert predict.describe(np.full(10, 0.1)) == "0  (0 10.0%, 1 10.0%, 2 10.0%)  doubtful"  # ties: lower first
+
+
+def test_an_answer_under_90_percent_is_marked_doubtful():
+    photographed_four = np.array([0.0, 0.0, 0.0, 0.414, 0.286, 0.3, 0.0, 0.0, 0.0, 0.0])
+    assert predict.describe(photographed_four) == "3  (3 41.4%, 5 30.0%, 4 28.6%)  doubtful"
+    assert predict.describe(np.array([0.0] * 8 + [0.1, 0.9])) == "9  (9 90.0%, 8 10.0%, 0 0.0%)"
+    assert predict.describe(np.array([0.0] * 8 + [0.1001, 0.8999])) == "9  (9 90.0%, 8 10.0%, 0 0.0%)  doubtful"
 
 
 def test_each_image_gets_its_digit_and_top_three_by_the_workspaces_model(fixed_model, images, tmp_path):
