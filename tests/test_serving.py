@@ -6,9 +6,11 @@ message (stages/lib/served_model.py)."""
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -16,7 +18,8 @@ import pandas as pd
 import pytest
 
 from stages.lib import tracking
-from tests.conftest import repository_params
+from stages.lib.mnist_sources import load_idx
+from tests.conftest import REPO, repository_params
 from tests.e2e import user_env, wait_until_answering
 from tests.test_pipeline_slow import free_port
 
@@ -26,8 +29,9 @@ RULE = "pixels must be whole numbers from 0 to 255 (raw gray levels, not scaled 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, make_examples):
-    """(address of /invocations, test images uint8 (5, 28, 28, 1), the .keras file's probabilities for them):
-    a model trained for one epoch, logged and registered as mnist-dnn@champion, served as the README says."""
+    """(address of /invocations, test images uint8 (5, 28, 28, 1), the .keras file's probabilities for them,
+    the Keras model): a model trained for one epoch, logged and registered as mnist-dnn@champion, served as
+    the README says."""
     import mlflow
 
     from stages.train import log_model, save_model, train
@@ -62,7 +66,7 @@ def served(tmp_path_factory, make_examples):
     )
     try:
         wait_until_answering(f"http://127.0.0.1:{port}/ping", server, 180, "mlflow models serve")
-        yield f"http://127.0.0.1:{port}/invocations", images, expected
+        yield f"http://127.0.0.1:{port}/invocations", images, expected, model
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -88,7 +92,7 @@ def request(url: str, route: str, pixels: np.ndarray) -> tuple[int, dict]:
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("written_as", ["integers", "floats"])
 def test_pixels_0_to_255_get_the_keras_models_predictions_by_every_route(served, route, written_as):
-    url, images, expected = served
+    url, images, expected, _ = served
     pixels = images if written_as == "integers" else images.astype(np.float64)  # 7.0: JSON and CSV say 7.0
     status, reply = request(url, route, pixels)
     assert status == 200, reply
@@ -121,7 +125,7 @@ BAD = {
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("case", BAD.values(), ids=BAD.keys())
 def test_anything_but_whole_numbers_0_to_255_is_http_400_with_one_message_by_every_route(served, route, case):
-    url, images, _ = served
+    url, images, _, _ = served
     make, message = case
     pixels = make(images)
     if message is None:  # the first pixel that is not a whole number
@@ -141,7 +145,32 @@ def test_anything_but_whole_numbers_0_to_255_is_http_400_with_one_message_by_eve
     ids=["27 rows", "783 columns", "text"],
 )
 def test_wrong_shapes_and_text_are_http_400_with_one_message(served, route, pixels, message):
-    url, images, _ = served
+    url, images, _, _ = served
     status, reply = request(url, route, pixels(images))
     assert status == 400 and reply["message"].endswith(message), reply
     assert "\n" not in reply["message"]
+
+
+def test_the_readmes_ready_request_gives_the_digits_and_its_refusal_word_for_word(served, tmp_path):
+    """The README's commands, run as they are (on this test's server and model), and the refusal it shows."""
+    if shutil.which("curl") is None:
+        pytest.skip("no curl on this machine")
+    url, _, _, model = served
+    readme = (REPO / "README.md").read_text()
+    commands = next(block for block in readme.split("```bash\n")[1:] if "five.json" in block).split("```")[0]
+    shown = readme.split(commands + "```\n```\n")[1].split("```")[0].splitlines()
+    (tmp_path / "data").symlink_to(REPO / "data")
+    port = urllib.parse.urlsplit(url).port
+    result = subprocess.run(
+        ["bash", "-e", "-c", commands.replace("127.0.0.1:5000", f"127.0.0.1:{port}")],
+        cwd=tmp_path,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    digits, refusal = result.stdout.splitlines()
+    five = load_idx(REPO / "data/raw/mnist").test.images[:5]
+    assert digits == str(np.argmax(model.predict(five, verbose=0), axis=1).tolist())
+    assert shown[0] == "[7, 2, 1, 0, 4]" and refusal == shown[1]
