@@ -6,7 +6,7 @@ MODEL: a .keras file (default: models/model.keras) or an MLflow model URI (model
 runs:/<run id>/model, models:/m-<model id>) in the project's store (MLFLOW_TRACKING_URI, else mlflow.db).
 Each image is made an MNIST digit (stages/lib/digit_images.py); one line per image gives the predicted
 digit, then the three likeliest digits:   seven.png: 7  (7 98.1%, 2 1.2%, 3 0.4%)
-An answer whose digit has under 90% is marked doubtful:   four.jpg: 3  (3 41.4%, 5 30.2%, 8 9.9%)  doubtful
+An answer whose digit has under 90% is marked doubtful:   four.jpg: 2  (2 65.1%, 6 20.9%, 4 8.4%)  doubtful
 (on the MNIST test set, the baseline model's doubtful answers are right 71% of the time, the others 99.2%).
 An unusable image is one error line on stderr; the others are still answered, and the exit status is 1.
 """
