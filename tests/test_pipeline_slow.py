@@ -331,7 +331,7 @@ def test_repro_records_a_complete_run_on_a_tracking_server(repo, tracking_server
     mlflow.set_tracking_uri(tracking_server)
     try:
         predictions = mlflow.pyfunc.load_model(f"runs:/{run_.info.run_id}/model").predict(
-            np.zeros((2, 28, 28, 1), np.uint8)  # raw pixels: the signature refuses floats
+            np.zeros((2, 28, 28, 1), np.uint8)  # raw pixels: the model refuses floats scaled to 0-1
         )
     finally:
         mlflow.set_tracking_uri(None)
