@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -173,18 +174,20 @@ def log_model(saved: Path) -> None:
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *IMAGE_SHAPE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
     )
-    mlflow.pyfunc.log_model(
-        name="model",
-        python_model=Path(__file__).parent / "lib" / "served_model.py",
-        artifacts={"keras_model": str(saved)},
-        signature=signature,
-        # Given explicitly: inferring them would load the model again in a subprocess (seconds).
-        pip_requirements=[
-            f"tensorflow=={tf.__version__}",
-            f"keras=={keras.__version__}",
-            f"mlflow=={mlflow.__version__}",
-        ],
-    )
+    with warnings.catch_warnings():  # that no input example was given: left out on purpose (above)
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+        mlflow.pyfunc.log_model(
+            name="model",
+            python_model=Path(__file__).parent / "lib" / "served_model.py",
+            artifacts={"keras_model": str(saved)},
+            signature=signature,
+            # Given explicitly: inferring them would load the model again in a subprocess (seconds).
+            pip_requirements=[
+                f"tensorflow=={tf.__version__}",
+                f"keras=={keras.__version__}",
+                f"mlflow=={mlflow.__version__}",
+            ],
+        )
 
 
 def main() -> None:
@@ -233,6 +236,7 @@ def main() -> None:
         f"{params.epochs} epochs: val_accuracy {final['val_accuracy']:.4f}, val_loss {final['val_loss']:.4f}; "
         f"wrote {paths.MODEL} (md5 {model_md5}); MLflow run {run.info.run_id} in {timer}",
     )
+    tracking.log_run_page("train", experiment_id, run.info.run_id)
 
 
 if __name__ == "__main__":

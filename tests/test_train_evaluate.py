@@ -479,3 +479,12 @@ def test_metrics_logged_asynchronously_that_never_reach_the_store_fail_the_stage
     finally:
         mlflow.set_tracking_uri(None)
     assert "\n" not in str(error.value)
+
+
+def test_stages_print_nothing_that_looks_like_a_problem(pipeline):
+    """MLflow's warning about the input example left out on purpose, and its artifact progress bars."""
+    _, _, _, results = pipeline
+    for stage, result in results.items():
+        assert "input example" not in result.stderr, stage
+        assert "Downloading artifacts" not in result.stderr + result.stdout, stage
+        assert "Warning" not in result.stderr, f"{stage}: {result.stderr}"

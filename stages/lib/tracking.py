@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.common.cli import Terminated
+from stages.common.cli import Terminated, log
 from stages.common.errors import StageError, first_line
 
 if TYPE_CHECKING:
@@ -37,6 +37,16 @@ LOCK_FILE = "mlflow.db.lock"
 # calls keep MLflow's retries, so a hiccup does not throw away a finished training run.
 CONNECT_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
+# MLflow's own output that is noise in a stage's log: the progress bar of every artifact it copies, and,
+# against a server, the "View run/experiment at" lines printed when a run ends, whose experiment link
+# opens the UI's empty GenAI overview (stages print a working link instead: run_page). Set either to
+# true to see them again.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+# Where `mlflow ui` serves by default, for a store that is not a server (our SQLite database).
+LOCAL_UI = "http://127.0.0.1:5000"
+
 MODEL_TAG = "model.md5"  # on the run that trained the model
 EVALUATED_MODEL_TAG = "evaluated_model.md5"  # on a run that only evaluated it (no training run in the store)
 
@@ -48,6 +58,27 @@ def repo_root() -> Path:
 def tracking_uri() -> str:
     # SQLite's busy timeout lets parallel experiments wait for the single writer instead of failing.
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / DATABASE}?timeout=60"
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def ui_address() -> str:
+    """The MLflow UI of the store: the server itself, or where `mlflow ui` serves by default."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if is_server(uri) else LOCAL_UI
+
+
+def run_page(experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: its params, metrics, curves (Model metrics) and artifacts."""
+    return f"{ui_address()}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def log_run_page(stage: str, experiment_id: str, run_id: str) -> None:
+    """Against a tracking server, where MLflow's own links are switched off (above): the run's page."""
+    if is_server(tracking_uri()):
+        log(stage, f"MLflow UI: {run_page(experiment_id, run_id)}")
 
 
 def dvc_experiment() -> str | None:
