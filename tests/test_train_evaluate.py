@@ -235,6 +235,27 @@ def test_a_run_cache_restored_model_finds_the_newest_evaluated_run_and_never_a_d
     assert tracking.find_training_run(experiment_id, "e" * 32).info.run_id == newest
 
 
+def test_a_retrained_model_whose_evaluation_dvc_restored_shows_the_run_with_its_test_metrics(experiment):
+    """train reran, evaluate came from DVC's run-cache: the new run has no test metrics, an older one has."""
+    experiment_id, _ = experiment
+    evaluated = training_run(experiment_id, "f" * 32, evaluated=True)
+    retrained = training_run(experiment_id, "f" * 32)
+    assert tracking.find_evaluated_run(experiment_id, "f" * 32).info.run_id == evaluated
+    assert tracking.find_training_run(experiment_id, "f" * 32).info.run_id == retrained  # evaluate's choice
+
+
+def test_the_run_shown_prefers_this_hosts_evaluated_run_then_the_newest_and_else_an_unevaluated_one(experiment):
+    experiment_id, _ = experiment
+    mine = training_run(experiment_id, "0" * 32, evaluated=True)
+    training_run(experiment_id, "0" * 32, evaluated=True, host="teammates-laptop")
+    assert tracking.find_evaluated_run(experiment_id, "0" * 32).info.run_id == mine
+    newest = training_run(experiment_id, "0" * 32, evaluated=True)
+    assert tracking.find_evaluated_run(experiment_id, "0" * 32).info.run_id == newest
+    only = training_run(experiment_id, "1" * 32)
+    assert tracking.find_evaluated_run(experiment_id, "1" * 32).info.run_id == only
+    assert tracking.find_evaluated_run(experiment_id, "2" * 32) is None
+
+
 def log_evaluation_of(labels, predictions):
     """evaluate.log_evaluation of these labels and predictions, with test_accuracy 0.5."""
     matrix = evaluate.confusion_matrix(np.array(labels), np.array(predictions))

@@ -178,25 +178,47 @@ def _settings_unless_set(settings: dict[str, str]) -> Iterator[None]:
 
 
 def find_training_run(experiment_id: str, model_md5: str) -> mlflow.entities.Run | None:
-    """The run that trained the model file with this MD5, or None if no run in the store did.
+    """The run that evaluate records into: of the runs that trained the model file with this MD5
+    (None if no run in the store did), a run not yet evaluated (no `test_accuracy`), then one whose
+    stage ran on this host, then the newest.
 
     Several runs carry the same MD5 after a forced rerun or when a teammate trained the same
-    params on the same data. Then the one chosen is, in this order: a run not yet evaluated (no
-    `test_accuracy`), one whose stage ran on this host, the newest. A model restored from DVC's
-    run-cache was trained by an earlier, already evaluated run: the newest of those.
+    params on the same data. A model restored from DVC's run-cache was trained by an earlier,
+    already evaluated run: the newest of those.
     """
+    host = socket.gethostname()
+    return min(
+        _runs_of_model(experiment_id, model_md5),
+        key=lambda run: ("test_accuracy" in run.data.metrics, run.data.tags.get("process.host") != host),
+        default=None,
+    )
+
+
+def find_evaluated_run(experiment_id: str, model_md5: str) -> mlflow.entities.Run | None:
+    """The run to show for the model file with this MD5 (stages.runs, promote): one that holds its
+    test metrics, then one whose stage ran on this host, then the newest; a run without test metrics
+    only if no run of the model file has them.
+
+    When train reruns but DVC restores evaluate from its run-cache (the same model file came out),
+    the new training run gets no test metrics; an earlier run of the same file has them.
+    """
+    host = socket.gethostname()
+    return min(
+        _runs_of_model(experiment_id, model_md5),
+        key=lambda run: ("test_accuracy" not in run.data.metrics, run.data.tags.get("process.host") != host),
+        default=None,
+    )
+
+
+def _runs_of_model(experiment_id: str, model_md5: str) -> list[mlflow.entities.Run]:
+    """The runs tagged as having trained the model file with this MD5, newest first."""
     import mlflow
 
-    runs = mlflow.MlflowClient().search_runs(
+    return mlflow.MlflowClient().search_runs(
         [experiment_id],
         filter_string=f"tags.`{MODEL_TAG}` = '{model_md5}'",
         order_by=["attributes.start_time DESC"],
     )
-    host = socket.gethostname()
-    ranked = sorted(
-        runs, key=lambda run: ("test_accuracy" in run.data.metrics, run.data.tags.get("process.host") != host)
-    )
-    return ranked[0] if ranked else None
 
 
 def wait_until_stored(operations: list[mlflow.utils.async_logging.run_operations.RunOperations]) -> None:
