@@ -233,7 +233,8 @@ def main() -> None:
         write_json(paths.TRAIN_METRICS, {"epochs": params.epochs, **final})
     log(
         "train",
-        f"{params.epochs} epochs: val_accuracy {final['val_accuracy']:.4f}, val_loss {final['val_loss']:.4f}; "
+        f"{params.epochs} epoch{'s' if params.epochs > 1 else ''}: "
+        f"val_accuracy {final['val_accuracy']:.4f}, val_loss {final['val_loss']:.4f}; "
         f"wrote {paths.MODEL} (md5 {model_md5}); MLflow run {run.info.run_id} in {timer}",
     )
     tracking.log_run_page("train", experiment_id, run.info.run_id)

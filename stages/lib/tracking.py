@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
+import logging
 import os
 import socket
 import subprocess
@@ -116,6 +117,8 @@ def open_experiment(experiment_name: str) -> str:
     """Point MLflow at the tracking store and return the experiment's id, creating it if needed."""
     import mlflow
 
+    # "Creating initial MLflow database tables...", "Updating database tables": a new mlflow.db's setup.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     user_uri = os.environ.get("MLFLOW_TRACKING_URI") or None
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
