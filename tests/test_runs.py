@@ -30,7 +30,9 @@ def test_against_a_server_a_stage_prints_its_runs_page_and_mlflow_prints_no_link
     assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000/")
     tracking.log_run_page("train", "3", "c" * 32)
-    assert capsys.readouterr().out == f"train: MLflow UI: http://mlflow.example:5000/#/experiments/3/runs/{'c' * 32}\n"
+    assert capsys.readouterr().out == (
+        f"train: MLflow UI: http://mlflow.example:5000/#/experiments/3/runs/{'c' * 32}?workflowType=machine_learning\n"
+    )
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     tracking.log_run_page("train", "3", "c" * 32)  # the local store: `python -m stages.runs` gives the link
     assert capsys.readouterr().out == ""

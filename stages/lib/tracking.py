@@ -72,8 +72,9 @@ def ui_address() -> str:
 
 
 def run_page(experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI: its params, metrics, curves (Model metrics) and artifacts."""
-    return f"{ui_address()}/#/experiments/{experiment_id}/runs/{run_id}"
+    """The run's page in the MLflow UI: its params, metrics, curves (Model metrics) and artifacts; in the UI's
+    model-training mode, whose links lead back to the runs table rather than to the GenAI overview."""
+    return f"{ui_address()}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def log_run_page(stage: str, experiment_id: str, run_id: str) -> None:
