@@ -8,7 +8,9 @@ the check (a fraction of a second, no TensorFlow).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 from stages.common.cli import log, run_stage
@@ -17,9 +19,7 @@ from stages.common.params import PARAMS_FILE, load_params
 
 # `dvc exp run -S` writes its values into the workspace's params.yaml before any stage runs and leaves
 # them there when the experiment fails (merged with any edits of yours: DVC keeps no copy of the file as
-# it was). Git may not even see the change: DVC rewrites the file within a second of checking out the
-# committed one, and git's index keeps that one's size and time (README: what happens when things go
-# wrong). So the one command that restores it whatever git's index says:
+# it was). The one command that restores the committed file whatever git's index says (see below):
 RESTORE = f"git show HEAD:{PARAMS_FILE} > {PARAMS_FILE}"
 
 
@@ -29,11 +29,26 @@ def in_workspace_experiment() -> bool:
     return bool(os.environ.get("DVC_EXP_NAME")) and root is not None and Path(root).resolve() == Path.cwd().resolve()
 
 
+def show_git_the_workspace() -> None:
+    """Make `git status` true after DVC prepared the experiment in the workspace.
+
+    DVC checked out the committed files and wrote the experiment's over them within the same second (same
+    inode, often the same size: `epochs: 0` for `epochs: 5`); git's index keeps the committed files' size
+    and time, and git, comparing whole seconds, calls the changed files unchanged: `git status` says clean
+    and `git checkout -- .` restores nothing. Reread from HEAD, the index loses that stale information
+    (nothing else when nothing is staged) and git compares contents again; DVC's cleanup keeps it so.
+    """
+    with contextlib.suppress(OSError):  # DVC itself needs no git program
+        if subprocess.run(["git", "diff", "--cached", "--quiet"], capture_output=True).returncode == 0:
+            subprocess.run(["git", "read-tree", "HEAD"], capture_output=True)
+
+
 def main() -> None:
     try:
         load_params()
     except StageError as exc:
         if in_workspace_experiment():
+            show_git_the_workspace()
             raise StageError(
                 f"{exc}; dvc exp run left this {PARAMS_FILE} in the workspace, to restore the committed one: {RESTORE}"
             ) from exc
