@@ -8,12 +8,51 @@ the check (a fraction of a second, no TensorFlow).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+
 from stages.common.cli import log, run_stage
+from stages.common.errors import StageError
 from stages.common.params import PARAMS_FILE, load_params
+
+# `dvc exp run -S` writes its values into the workspace's params.yaml before any stage runs and leaves
+# them there when the experiment fails (merged with any edits of yours: DVC keeps no copy of the file as
+# it was). The one command that restores the committed file whatever git's index says (see below):
+RESTORE = f"git show HEAD:{PARAMS_FILE} > {PARAMS_FILE}"
+
+
+def in_workspace_experiment() -> bool:
+    """Whether `dvc exp run` runs this stage in the workspace (not in a temporary copy: --queue, --temp)."""
+    root = os.environ.get("DVC_ROOT")
+    return bool(os.environ.get("DVC_EXP_NAME")) and root is not None and Path(root).resolve() == Path.cwd().resolve()
+
+
+def show_git_the_workspace() -> None:
+    """Make `git status` true after DVC prepared the experiment in the workspace.
+
+    DVC checked out the committed files and wrote the experiment's over them within the same second (same
+    inode, often the same size: `epochs: 0` for `epochs: 5`); git's index keeps the committed files' size
+    and time, and git, comparing whole seconds, calls the changed files unchanged: `git status` says clean
+    and `git checkout -- .` restores nothing. Reread from HEAD, the index loses that stale information
+    (nothing else when nothing is staged) and git compares contents again; DVC's cleanup keeps it so.
+    """
+    with contextlib.suppress(OSError):  # DVC itself needs no git program
+        if subprocess.run(["git", "diff", "--cached", "--quiet"], capture_output=True).returncode == 0:
+            subprocess.run(["git", "read-tree", "HEAD"], capture_output=True)
 
 
 def main() -> None:
-    load_params()
+    try:
+        load_params()
+    except StageError as exc:
+        if in_workspace_experiment():
+            show_git_the_workspace()
+            raise StageError(
+                f"{exc}; dvc exp run left this {PARAMS_FILE} in the workspace, to restore the committed one: {RESTORE}"
+            ) from exc
+        raise
     log("check_params", f"{PARAMS_FILE} is valid")
 
 

@@ -206,6 +206,7 @@ def main() -> None:
         f"test_accuracy {results['test_accuracy']:.4f} on {len(test.labels)} images; "
         f"recorded in MLflow run {run.info.run_id} in {timer}",
     )
+    tracking.log_run_page("evaluate", experiment_id, run.info.run_id)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def candidate(
     chosen = named[0] if named else best_by_validation_accuracy(experiments)
     if not chosen.model_md5:
         raise StageError(f"{chosen.name} has no model (see `dvc exp show`)")
-    run = tracking.find_training_run(experiment_id, chosen.model_md5)
+    run = tracking.find_evaluated_run(experiment_id, chosen.model_md5)
     if run is None:
         raise StageError(
             f"no MLflow run in {tracking.tracking_uri()} trained the model of {chosen.name} "

@@ -2,10 +2,12 @@
 
 Usage: python -m stages.runs [NAME ...]   (names as `dvc exp show` gives them; default: every row)
 The link is the model file's MD5, which DVC records and the training run carries as tag model.md5.
-Ends with the link that opens the experiment's runs in the MLflow UI.
+Ends with the link that opens the per-epoch curves of the runs listed in the MLflow UI.
 """
 
 from __future__ import annotations
+
+import urllib.parse
 
 from stages.common.cli import run_stage
 from stages.common.errors import StageError
@@ -13,15 +15,16 @@ from stages.common.params import load_params
 from stages.lib import tracking
 from stages.lib.experiments import list_experiments
 
-# Where `mlflow ui` serves by default, for a store that is not a server (our SQLite database).
-LOCAL_UI = "http://127.0.0.1:5000"
 
-
-def ui_link(tracking_uri: str, experiment_id: str) -> str:
-    """The experiment's runs table in the MLflow UI. Without workflowType=machine_learning, MLflow 3's UI
-    opens an experiment as a GenAI one (traces), whatever the experiment's tags say."""
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+def ui_link(address: str, experiment_id: str, run_ids: list[str]) -> str:
+    """The experiment's runs page in the MLflow UI, in its chart view (every metric's per-epoch curves
+    of all the runs listed), showing only these runs. Without workflowType=machine_learning, MLflow 3's
+    UI opens an experiment as a GenAI one (traces), whatever the experiment's tags say."""
+    query = {"workflowType": "machine_learning", "compareRunsMode": "CHART"}
+    if run_ids:
+        quoted = ", ".join(f"'{run_id}'" for run_id in run_ids)
+        query["searchFilter"] = f"attributes.run_id IN ({quoted})"
+    return f"{address}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query, quote_via=urllib.parse.quote)}"
 
 
 def main(names: list[str]) -> None:
@@ -32,19 +35,21 @@ def main(names: list[str]) -> None:
     experiment_id = tracking.open_experiment(load_params().mlflow_experiment)
     print(f"MLflow runs in {tracking.tracking_uri()}, experiment id {experiment_id}")
     print(f"{'experiment':<20} {'model md5':<10} {'MLflow run':<33} {'status':<9} {'test_acc':>8}  run name")
+    shown = []
     for experiment in experiments:
         if names and experiment.name not in names:
             continue
-        run = tracking.find_training_run(experiment_id, experiment.model_md5) if experiment.model_md5 else None
+        run = tracking.find_evaluated_run(experiment_id, experiment.model_md5) if experiment.model_md5 else None
         md5 = (experiment.model_md5 or "-")[:8]
         if run is None:
             print(f"{experiment.name:<20} {md5:<10} {'(no run in this store)':<33}")
             continue
         accuracy = run.data.metrics.get("test_accuracy")
-        shown = f"{accuracy:.4f}" if accuracy is not None else "-"
-        row = f"{experiment.name:<20} {md5:<10} {run.info.run_id:<33} {run.info.status:<9} {shown:>8}"
+        accuracy_shown = f"{accuracy:.4f}" if accuracy is not None else "-"
+        row = f"{experiment.name:<20} {md5:<10} {run.info.run_id:<33} {run.info.status:<9} {accuracy_shown:>8}"
         print(f"{row}  {run.info.run_name}")
-    print(f"MLflow UI: {ui_link(tracking.tracking_uri(), experiment_id)}")
+        shown.append(run.info.run_id)
+    print(f"MLflow UI: {ui_link(tracking.ui_address(), experiment_id, list(dict.fromkeys(shown)))}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -170,18 +171,20 @@ def log_model(saved: Path) -> None:
     # Written out, not inferred, and no input example: MLflow would run the model to infer the
     # one and load it back from the logged copy to validate the other (together about a second).
     signature = mlflow.models.ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]))
-    mlflow.pyfunc.log_model(
-        name="model",
-        python_model=Path(__file__).parent / "lib" / "served_model.py",
-        artifacts={"keras_model": str(saved)},
-        signature=signature,
-        # Given explicitly: inferring them would load the model again in a subprocess (seconds).
-        pip_requirements=[
-            f"tensorflow=={tf.__version__}",
-            f"keras=={keras.__version__}",
-            f"mlflow=={mlflow.__version__}",
-        ],
-    )
+    with warnings.catch_warnings():  # that no input example was given: left out on purpose (above)
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+        mlflow.pyfunc.log_model(
+            name="model",
+            python_model=Path(__file__).parent / "lib" / "served_model.py",
+            artifacts={"keras_model": str(saved)},
+            signature=signature,
+            # Given explicitly: inferring them would load the model again in a subprocess (seconds).
+            pip_requirements=[
+                f"tensorflow=={tf.__version__}",
+                f"keras=={keras.__version__}",
+                f"mlflow=={mlflow.__version__}",
+            ],
+        )
 
 
 def main() -> None:
@@ -227,9 +230,11 @@ def main() -> None:
         write_json(paths.TRAIN_METRICS, {"epochs": params.epochs, **final})
     log(
         "train",
-        f"{params.epochs} epochs: val_accuracy {final['val_accuracy']:.4f}, val_loss {final['val_loss']:.4f}; "
+        f"{params.epochs} epoch{'s' if params.epochs > 1 else ''}: "
+        f"val_accuracy {final['val_accuracy']:.4f}, val_loss {final['val_loss']:.4f}; "
         f"wrote {paths.MODEL} (md5 {model_md5}); MLflow run {run.info.run_id} in {timer}",
     )
+    tracking.log_run_page("train", experiment_id, run.info.run_id)
 
 
 if __name__ == "__main__":

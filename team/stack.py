@@ -462,12 +462,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "stop":
             print("stopped: " + (", ".join(stop(args.dir, services)) or "nothing was running"))
-        elif args.command == "status":
-            stack, pids = stack_of(args.dir), status(args.dir)
-            for service in SERVICES:
-                where = f"{HOST}:{stack.ports[service]}"
-                print(f"{service:8} {f'running (pid {pids[service]})' if pids[service] else 'stopped':22} {where}")
-            return 0 if all(pids.values()) else 3
+        elif args.command == "status":  # a report: stopped or never started is no error (exit 0)
+            ports, pids = _read_state(args.dir.resolve())["ports"], status(args.dir)
+            if not ports:
+                print(f"no stack in {args.dir}: never started (make team-start)")
+            for service, port in ports.items():
+                print(
+                    f"{service:8} {f'running (pid {pids[service]})' if pids[service] else 'stopped':22} {HOST}:{port}"
+                )
         else:
             print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in stack_of(args.dir).client_env().items()))
     except StackError as e:

@@ -236,3 +236,17 @@ def test_the_promoted_champion_is_served_by_mlflow_models_serve_and_predicts_lik
     expected = keras.models.load_model(repo / paths.MODEL).predict(inputs, verbose=0)
     assert served.shape == (50, 10)
     np.testing.assert_array_equal(np.argmax(served, axis=1), np.argmax(expected, axis=1))
+
+
+def test_of_two_runs_of_one_model_file_the_one_with_its_test_metrics_is_promoted(store):
+    """train reran and DVC restored evaluate from its run-cache: the newer run has no test metrics."""
+    import mlflow
+
+    experiment_id, client, rows, _ = store
+    tags = {tracking.MODEL_TAG: "9" * 32}
+    with tracking.recorded_run(experiment_id=experiment_id, tags=tags) as evaluated:
+        mlflow.log_metric("test_accuracy", 0.9)
+    with tracking.recorded_run(experiment_id=experiment_id, tags=tags):
+        pass
+    retrained = row("retrained", "9" * 40, "9" * 32, val_accuracy=0.9, test_accuracy=0.9)
+    assert promote.candidate([*rows, retrained], experiment_id, "retrained")[1].info.run_id == evaluated.info.run_id

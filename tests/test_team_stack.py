@@ -1,4 +1,6 @@
-"""team/stack.py on a machine without PostgreSQL: one line that says what to install, no traceback."""
+"""team/stack.py's commands that need no running service: status of a stopped stack, start without PostgreSQL."""
+
+import json
 
 from team import stack
 
@@ -16,3 +18,18 @@ def test_start_without_postgresql_says_in_one_line_what_to_install(tmp_path, mon
     assert err.startswith("stack: error: PostgreSQL's initdb not found: install PostgreSQL (Debian, Ubuntu: apt-get")
     assert "TEAM_STACK_PG_BIN" in err
     assert stack.status(tmp_path / "stack") == {"postgres": None, "s3": None, "mlflow": None}  # nothing started
+
+
+def test_status_of_a_stopped_stack_reports_it_and_is_no_error(tmp_path, capsys):
+    ports = {"postgres": 15432, "s3": 19000, "mlflow": 15000}
+    gone = {"pid": 2**22 + 1, "start": "0"}  # above any pid Linux hands out
+    (tmp_path / "stack.json").write_text(json.dumps({"ports": ports, "pids": dict.fromkeys(ports, gone)}))
+    assert stack.main(["status", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{service:8} {'stopped':22} 127.0.0.1:{port}" for service, port in ports.items()
+    ]
+
+
+def test_status_of_a_stack_never_started_says_how_to_start_it(tmp_path, capsys):
+    assert stack.main(["status", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"no stack in {tmp_path}: never started (make team-start)\n"

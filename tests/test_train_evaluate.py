@@ -235,6 +235,27 @@ def test_a_run_cache_restored_model_finds_the_newest_evaluated_run_and_never_a_d
     assert tracking.find_training_run(experiment_id, "e" * 32).info.run_id == newest
 
 
+def test_a_retrained_model_whose_evaluation_dvc_restored_shows_the_run_with_its_test_metrics(experiment):
+    """train reran, evaluate came from DVC's run-cache: the new run has no test metrics, an older one has."""
+    experiment_id, _ = experiment
+    evaluated = training_run(experiment_id, "f" * 32, evaluated=True)
+    retrained = training_run(experiment_id, "f" * 32)
+    assert tracking.find_evaluated_run(experiment_id, "f" * 32).info.run_id == evaluated
+    assert tracking.find_training_run(experiment_id, "f" * 32).info.run_id == retrained  # evaluate's choice
+
+
+def test_the_run_shown_prefers_this_hosts_evaluated_run_then_the_newest_and_else_an_unevaluated_one(experiment):
+    experiment_id, _ = experiment
+    mine = training_run(experiment_id, "0" * 32, evaluated=True)
+    training_run(experiment_id, "0" * 32, evaluated=True, host="teammates-laptop")
+    assert tracking.find_evaluated_run(experiment_id, "0" * 32).info.run_id == mine
+    newest = training_run(experiment_id, "0" * 32, evaluated=True)
+    assert tracking.find_evaluated_run(experiment_id, "0" * 32).info.run_id == newest
+    only = training_run(experiment_id, "1" * 32)
+    assert tracking.find_evaluated_run(experiment_id, "1" * 32).info.run_id == only
+    assert tracking.find_evaluated_run(experiment_id, "2" * 32) is None
+
+
 def log_evaluation_of(labels, predictions):
     """evaluate.log_evaluation of these labels and predictions, with test_accuracy 0.5."""
     matrix = evaluate.confusion_matrix(np.array(labels), np.array(predictions))
@@ -479,3 +500,14 @@ def test_metrics_logged_asynchronously_that_never_reach_the_store_fail_the_stage
     finally:
         mlflow.set_tracking_uri(None)
     assert "\n" not in str(error.value)
+
+
+def test_stages_print_nothing_that_looks_like_a_problem(pipeline):
+    """MLflow's warning about the input example left out on purpose, its artifact progress bars, its log of
+    setting up a new mlflow.db."""
+    _, _, _, results = pipeline
+    for stage, result in results.items():
+        assert "input example" not in result.stderr, stage
+        assert "Downloading artifacts" not in result.stderr + result.stdout, stage
+        assert "Warning" not in result.stderr, f"{stage}: {result.stderr}"
+        assert "database tables" not in result.stderr, stage  # MLflow setting up the new mlflow.db

@@ -1,5 +1,5 @@
 """DVC experiments as `dvc exp show --json` reports them: name, params, metrics, the model file's MD5
-by which tracking.find_training_run finds the MLflow run that trained it, and the test data's MD5."""
+by which tracking finds the MLflow runs that trained it, and the test data's MD5."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
+import logging
 import os
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.common.cli import Terminated
+from stages.common.cli import Terminated, log
 from stages.common.errors import StageError, first_line
 
 if TYPE_CHECKING:
@@ -37,6 +38,16 @@ LOCK_FILE = "mlflow.db.lock"
 # calls keep MLflow's retries, so a hiccup does not throw away a finished training run.
 CONNECT_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
+# MLflow's own output that is noise in a stage's log: the progress bar of every artifact it copies, and,
+# against a server, the "View run/experiment at" lines printed when a run ends, whose experiment link
+# opens the UI's empty GenAI overview (stages print a working link instead: run_page). Set either to
+# true to see them again.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+# Where `mlflow ui` serves by default, for a store that is not a server (our SQLite database).
+LOCAL_UI = "http://127.0.0.1:5000"
+
 MODEL_TAG = "model.md5"  # on the run that trained the model
 EVALUATED_MODEL_TAG = "evaluated_model.md5"  # on a run that only evaluated it (no training run in the store)
 
@@ -48,6 +59,28 @@ def repo_root() -> Path:
 def tracking_uri() -> str:
     # SQLite's busy timeout lets parallel experiments wait for the single writer instead of failing.
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / DATABASE}?timeout=60"
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def ui_address() -> str:
+    """The MLflow UI of the store: the server itself, or where `mlflow ui` serves by default."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if is_server(uri) else LOCAL_UI
+
+
+def run_page(experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: its params, metrics, curves (Model metrics) and artifacts; in the UI's
+    model-training mode, whose links lead back to the runs table rather than to the GenAI overview."""
+    return f"{ui_address()}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def log_run_page(stage: str, experiment_id: str, run_id: str) -> None:
+    """Against a tracking server, where MLflow's own links are switched off (above): the run's page."""
+    if is_server(tracking_uri()):
+        log(stage, f"MLflow UI: {run_page(experiment_id, run_id)}")
 
 
 def dvc_experiment() -> str | None:
@@ -85,6 +118,8 @@ def open_experiment(experiment_name: str) -> str:
     """Point MLflow at the tracking store and return the experiment's id, creating it if needed."""
     import mlflow
 
+    # "Creating initial MLflow database tables...", "Updating database tables": a new mlflow.db's setup.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     user_uri = os.environ.get("MLFLOW_TRACKING_URI") or None
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -147,25 +182,47 @@ def _settings_unless_set(settings: dict[str, str]) -> Iterator[None]:
 
 
 def find_training_run(experiment_id: str, model_md5: str) -> mlflow.entities.Run | None:
-    """The run that trained the model file with this MD5, or None if no run in the store did.
+    """The run that evaluate records into: of the runs that trained the model file with this MD5
+    (None if no run in the store did), a run not yet evaluated (no `test_accuracy`), then one whose
+    stage ran on this host, then the newest.
 
     Several runs carry the same MD5 after a forced rerun or when a teammate trained the same
-    params on the same data. Then the one chosen is, in this order: a run not yet evaluated (no
-    `test_accuracy`), one whose stage ran on this host, the newest. A model restored from DVC's
-    run-cache was trained by an earlier, already evaluated run: the newest of those.
+    params on the same data. A model restored from DVC's run-cache was trained by an earlier,
+    already evaluated run: the newest of those.
     """
+    host = socket.gethostname()
+    return min(
+        _runs_of_model(experiment_id, model_md5),
+        key=lambda run: ("test_accuracy" in run.data.metrics, run.data.tags.get("process.host") != host),
+        default=None,
+    )
+
+
+def find_evaluated_run(experiment_id: str, model_md5: str) -> mlflow.entities.Run | None:
+    """The run to show for the model file with this MD5 (stages.runs, promote): one that holds its
+    test metrics, then one whose stage ran on this host, then the newest; a run without test metrics
+    only if no run of the model file has them.
+
+    When train reruns but DVC restores evaluate from its run-cache (the same model file came out),
+    the new training run gets no test metrics; an earlier run of the same file has them.
+    """
+    host = socket.gethostname()
+    return min(
+        _runs_of_model(experiment_id, model_md5),
+        key=lambda run: ("test_accuracy" not in run.data.metrics, run.data.tags.get("process.host") != host),
+        default=None,
+    )
+
+
+def _runs_of_model(experiment_id: str, model_md5: str) -> list[mlflow.entities.Run]:
+    """The runs tagged as having trained the model file with this MD5, newest first."""
     import mlflow
 
-    runs = mlflow.MlflowClient().search_runs(
+    return mlflow.MlflowClient().search_runs(
         [experiment_id],
         filter_string=f"tags.`{MODEL_TAG}` = '{model_md5}'",
         order_by=["attributes.start_time DESC"],
     )
-    host = socket.gethostname()
-    ranked = sorted(
-        runs, key=lambda run: ("test_accuracy" in run.data.metrics, run.data.tags.get("process.host") != host)
-    )
-    return ranked[0] if ranked else None
 
 
 def wait_until_stored(operations: list[mlflow.utils.async_logging.run_operations.RunOperations]) -> None:
