@@ -229,7 +229,7 @@ def test_an_unknown_mlflow_model_is_one_line_before_any_image_is_read(logged, mo
 @pytest.mark.slow
 def test_digits_read_from_image_files_are_predicted_as_well_as_the_originals(tmp_path):
     """1200 MNIST test digits as PNG/JPEG files of other sizes, offsets and polarities: predict's accuracy
-    through the command is within one point of the model's on the original 28x28 digits."""
+    through the command is no worse than the model's on the original 28x28 digits, within the noise."""
     from stages.common.cli import import_tensorflow
     from stages.lib.mnist_sources import load_idx
     from stages.train import save_model, train
@@ -262,8 +262,13 @@ def test_digits_read_from_image_files_are_predicted_as_well_as_the_originals(tmp
     )
     report = (
         f"accuracy on the original digits {on_originals:.4f}, on the image files {on_files:.4f} ({by_style}); "
-        f"same answer for {np.mean(predicted == originals):.4f} of the digits"
+        f"same answer for {np.mean(predicted == originals):.4f} of the digits; only one of the two right for "
+        f"{np.sum(correct != (originals == labels))}"
     )
     print(report)
     assert on_originals > 0.9, report
-    assert abs(on_files - on_originals) <= 0.01, report
+    # "Costs no accuracy", one-sided (the files may do better), and held to the noise of 1,200 digits:
+    # were the files as good as the originals, the digits on which only one of the two is right (d) would
+    # split like a fair coin, so the files' loss has a standard deviation of sqrt(d) / 1,200 (McNemar).
+    # Three of those is the margin: 0.015 for d = 36 (3 % of the answers differ).
+    assert on_originals - on_files <= 3 * np.sqrt(np.sum(correct != (originals == labels))) / count, report
