@@ -32,7 +32,7 @@ EPOCH_METRICS = HISTORY_COLUMNS[1:]  # what training logs to MLflow at every epo
 # --- Timeouts: a budget per kind of test (pytest-timeout; the default for fast tests is in pyproject.toml) ---
 
 # Slow tests, measured on 2 cores shared with five other jobs (load average 11, 2026-11-29): the
-# baseline's `dvc repro`, paid in the setup of the first slow test, 3 min; four queued 2-epoch
+# baseline's `dvc repro`, paid in the setup of the first slow test, 3 to 7 min; four queued 2-epoch
 # experiments, 7 min until all four runs were recorded. 20 min is about twice the slowest test with the
 # baseline on top, and longer than the 900 s that e2e.run gives one command, whose error (with the
 # command's output) is the more telling one when a command hangs.
