@@ -154,7 +154,8 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on HOST that nothing listens on now (the tests' servers take theirs from here too)."""
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
@@ -371,7 +372,7 @@ def start(folder: Path | str = DEFAULT_DIR, services=SERVICES, free_ports: bool 
     folder.mkdir(parents=True, exist_ok=True)
     state = _read_state(folder)
     for service in SERVICES:
-        state["ports"].setdefault(service, _free_port() if free_ports else DEFAULT_PORTS[service])
+        state["ports"].setdefault(service, free_port() if free_ports else DEFAULT_PORTS[service])
     stack = Stack(folder=folder, ports=dict(state["ports"]))
     if "mlflow" in services:  # it needs the other two
         services = SERVICES

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+from team.stack import free_port  # noqa: F401  (the one free-port helper; the tests' servers use it too)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -52,6 +59,25 @@ def clone_repository(destination: Path) -> Path:
     return destination
 
 
+def copy_repository(source: Path, destination: Path) -> Path:
+    """A copy of a repository copy (git history, outputs, DVC cache, MLflow store) that shares nothing with it.
+
+    The MLflow store records absolute artifact locations (experiment, runs, logged models): they are
+    rewritten from source/mlartifacts to the copy's own, or every copy would write into the source's."""
+    shutil.copytree(source, destination, symlinks=True)
+    database = destination / "mlflow.db"
+    if database.exists():
+        old, new = (source / "mlartifacts").as_uri(), (destination / "mlartifacts").as_uri()
+        with contextlib.closing(sqlite3.connect(database)) as connection, connection:
+            tables = [name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                for column in connection.execute(f"PRAGMA table_info('{table}')"):
+                    name, kind = column[1], column[2]
+                    if kind.upper().startswith(("VARCHAR", "TEXT")):
+                        connection.execute(f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?)', (old, new))
+    return destination
+
+
 def changed_stages(repo: Path) -> set[str]:
     return set(json.loads(run(["dvc", "status", "--json"], repo).stdout))
 
@@ -81,3 +107,67 @@ def wait_until_answering(url: str, server: subprocess.Popen, seconds: float, wha
         except OSError:
             assert server.poll() is None and time.monotonic() < deadline, f"{what} did not start"
             time.sleep(0.5)
+
+
+class Child:
+    """A child process whose output (stdout and stderr merged) a thread reads to its end, so that the child
+    never blocks on a full pipe while the test waits for a line of it."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process = process
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self.lines.append(None)  # the end of the output
+            self._changed.notify_all()
+
+    def wait_for_line(self, prefix: str, after: int = 0) -> int:
+        """The index of the first line from index `after` on that starts with `prefix`; fails if the output ends."""
+        with self._changed:
+            index = after
+            while True:
+                while index >= len(self.lines):
+                    self._changed.wait()
+                line = self.lines[index]
+                assert line is not None, f"the output ended without a line {prefix!r}:\n{self.output[-3000:]}"
+                if line.startswith(prefix):
+                    return index
+                index += 1
+
+    def finish(self, timeout: float) -> str:
+        """Wait for the child to exit; its whole output."""
+        self.process.wait(timeout=timeout)
+        self._reader.join(timeout=30)
+        return self.output
+
+    @property
+    def output(self) -> str:
+        return "".join(line for line in list(self.lines) if line is not None)
+
+
+@contextlib.contextmanager
+def started(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> Iterator[Child]:
+    """Start `args` as a Child; if it still runs when the block ends (a failed test), kill its process group."""
+    process = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env or user_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        yield Child(process)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)

@@ -1,6 +1,5 @@
 """stages/lib/digit_images.py: real MNIST digits written as image files come back as the same 28x28 digits."""
 
-import gzip
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +8,8 @@ from PIL import Image
 
 from stages.common.errors import StageError
 from stages.lib.digit_images import load_image, to_mnist
+from tests.conftest import mnist_test_digits, write_digit
 
-TEST_IMAGES = Path(__file__).resolve().parents[1] / "data/raw/mnist/t10k-images-idx3-ubyte.gz"
 COUNT = 30  # the first 30 MNIST test digits
 MAX_CENTRE_ERROR = 0.55  # pixels between a result's centre of mass and (14, 14): MNIST's own digits are within 0.5
 MIN_CORRELATION = 0.85  # with the original, for every digit (measured: 0.90 worst, 0.82 worst of 1000)
@@ -20,9 +19,7 @@ SHIFTS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # centring rounds
 
 @pytest.fixture(scope="module")
 def digits() -> np.ndarray:
-    """The first COUNT MNIST test digits, uint8 (COUNT, 28, 28), read straight from the IDX file."""
-    data = gzip.decompress(TEST_IMAGES.read_bytes())
-    return np.frombuffer(data, np.uint8, count=COUNT * 28 * 28, offset=16).reshape(COUNT, 28, 28)
+    return mnist_test_digits(COUNT)
 
 
 def centre_error(image: np.ndarray) -> float:
@@ -48,19 +45,6 @@ def matches(results: np.ndarray, originals: np.ndarray) -> bool:
     return worst_centre <= MAX_CENTRE_ERROR and worst >= MIN_CORRELATION and mean >= MIN_MEAN_CORRELATION
 
 
-def write(digit, path, scale=1, canvas=(1.0, 1.0), where=(0.5, 0.5), ink=255, paper=0, noise=0.0, resample=None):
-    """`digit` scaled `scale` times, at `where` (fractions of the free space) on a canvas `canvas` times its size,
-    in gray level `ink` on `paper` plus Gaussian noise, saved to `path` (format from the suffix, JPEG quality 75)."""
-    side = 28 * scale
-    image = Image.fromarray(digit).resize((side, side), resample or Image.Resampling.BICUBIC)
-    height, width = round(side * canvas[0]), round(side * canvas[1])
-    top, left = round((height - side) * where[0]), round((width - side) * where[1])
-    field = np.zeros((height, width))
-    field[top : top + side, left : left + side] = np.asarray(image) / 255.0
-    field = paper + (ink - paper) * field + np.random.default_rng(0).normal(0.0, noise, field.shape)
-    Image.fromarray(np.clip(np.rint(field), 0, 255).astype(np.uint8)).save(path, quality=75)
-
-
 CASES = {
     "png 28x28 as in MNIST": dict(suffix=".png"),
     "png 2x": dict(suffix=".png", scale=2),
@@ -78,9 +62,7 @@ CASES = {
 def test_digit_files_come_back_as_the_mnist_digits(digits, tmp_path, case):
     results = []
     for index, digit in enumerate(digits):
-        path = tmp_path / f"{index}{case['suffix']}"
-        write(digit, path, **{key: value for key, value in case.items() if key != "suffix"})
-        results.append(to_mnist(load_image(path)))
+        results.append(to_mnist(load_image(write_digit(digit, tmp_path / str(index), quality=75, **case))))
     results = np.array(results)
     assert results.dtype == np.uint8 and results.shape == (COUNT, 28, 28)
     assert matches(results, digits), score(results, digits)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.e2e import REPO
+
 PIPELINE = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 

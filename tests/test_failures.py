@@ -3,6 +3,7 @@ output and no MLflow run stuck in RUNNING."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -13,15 +14,13 @@ import sys
 
 import mlflow
 import pytest
-import yaml
 
 from stages.common import paths
 from stages.common.records import read_framed, write_examples
-from tests.conftest import REAL_PARAMS, clean_env, write_stage_inputs
+from tests.conftest import RAW_MNIST, clean_env, set_params, write_stage_inputs
+from tests.e2e import started
 
 INPUTS_LEFT = ["data/prepared/summary.json", "data/prepared/test.tfrecord"]  # what split_data writes there
-
-RAW = REAL_PARAMS.parent / "data/raw/mnist"
 
 
 def outputs_left(root) -> list[str]:
@@ -44,7 +43,7 @@ def runs(root) -> list:
 
 
 def test_prepare_with_a_tampered_raw_file_names_it_and_writes_nothing(stage_root, run_stage_in):
-    shutil.copytree(RAW, stage_root / "data/raw/mnist")
+    shutil.copytree(RAW_MNIST, stage_root / "data/raw/mnist")
     labels = stage_root / "data/raw/mnist/t10k-labels-idx1-ubyte.gz"
     content = bytearray(gzip.decompress(labels.read_bytes()))
     content[100] ^= 0x01
@@ -58,7 +57,7 @@ def test_prepare_with_a_tampered_raw_file_names_it_and_writes_nothing(stage_root
 
 
 def test_prepare_with_a_truncated_raw_file_names_it_and_writes_nothing(stage_root, run_stage_in):
-    shutil.copytree(RAW, stage_root / "data/raw/mnist")
+    shutil.copytree(RAW_MNIST, stage_root / "data/raw/mnist")
     images = stage_root / "data/raw/mnist/train-images-idx3-ubyte.gz"
     images.write_bytes(images.read_bytes()[:100_000])
 
@@ -100,46 +99,37 @@ def test_evaluate_with_a_file_that_is_not_a_keras_model_names_it_and_writes_noth
     assert run.info.status == "FAILED"
 
 
-def start_long_training(root) -> subprocess.Popen:
-    """`python -m stages.train` with thousands of short epochs, returned once its third epoch began."""
-    params = {**yaml.safe_load(REAL_PARAMS.read_text()), "epochs": 100_000, "batch_size": 10, "hidden_layer_size": 8}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "stages.train"],
-        cwd=root,
-        env={**clean_env(root), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in process.stdout:
-        if line.startswith("Epoch 3/"):
-            return process
-    raise AssertionError(f"training ended before its third epoch:\n{process.stderr.read()}")
+@contextlib.contextmanager
+def long_training(root):
+    """`python -m stages.train` with thousands of short epochs (its output drained), once its third epoch began."""
+    set_params(root, epochs=100_000, batch_size=10, hidden_layer_size=8)
+    env = {**clean_env(root), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+    with started([sys.executable, "-m", "stages.train"], root, env) as training:
+        training.wait_for_line("Epoch 3/")
+        yield training
 
 
 def test_sigterm_mid_training_ends_the_run_killed_and_writes_nothing(split_data):
-    process = start_long_training(split_data)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
+    with long_training(split_data) as training:
+        training.process.send_signal(signal.SIGTERM)
+        output = training.finish(timeout=60)
 
-    assert process.returncode == 143, stderr[-2000:]
-    assert "train: terminated (SIGTERM)" in stderr
+    assert training.process.returncode == 143, output[-2000:]
+    assert "train: terminated (SIGTERM)" in output
     [run] = runs(split_data)
     assert run.info.status == "KILLED"
     assert outputs_left(split_data) == INPUTS_LEFT
 
 
 def test_sigkill_mid_training_leaves_no_output_and_the_next_run_closes_the_orphan(split_data, run_stage_in):
-    process = start_long_training(split_data)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
+    with long_training(split_data) as training:
+        training.process.send_signal(signal.SIGKILL)
+        training.finish(timeout=60)
     [orphan] = runs(split_data)
     assert orphan.info.status == "RUNNING"  # nothing can run on SIGKILL
     assert outputs_left(split_data) == INPUTS_LEFT
 
-    params = {**yaml.safe_load((split_data / "params.yaml").read_text()), "epochs": 1}
-    (split_data / "params.yaml").write_text(yaml.safe_dump(params))
+    set_params(split_data, epochs=1)
     result = run_stage_in("train", split_data)
     assert result.returncode == 0, result.stderr
     assert f"MLflow run {orphan.info.run_id} was left RUNNING by a killed stage; marked it KILLED" in result.stdout
@@ -171,8 +161,7 @@ def keep_first_half_of_the_records(path):
 def test_evaluate_on_a_damaged_test_file_says_so_and_leaves_the_run_failed_not_finished(
     split_data, run_stage_in, damage, message
 ):
-    params = {**yaml.safe_load((split_data / "params.yaml").read_text()), "epochs": 1, "hidden_layer_size": 8}
-    (split_data / "params.yaml").write_text(yaml.safe_dump(params))
+    set_params(split_data, epochs=1, hidden_layer_size=8)
     assert run_stage_in("train", split_data).returncode == 0
     damage(split_data / paths.PREPARED_TEST)
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from stages.common.errors import StageError
 from stages.lib.mnist_sources import (
@@ -16,8 +15,8 @@ from stages.lib.mnist_sources import (
     load_tfds,
     parse_idx,
 )
+from tests.conftest import RAW_MNIST, set_params
 
-REAL_RAW_DIR = Path(__file__).resolve().parents[1] / "data/raw/mnist"
 COUNTS = {"train": 40, "t10k": 15}
 
 
@@ -165,7 +164,7 @@ def test_parse_idx_rejects_malformed_data(data, match):
 
 
 def test_committed_mnist_files_match_the_pinned_hashes():
-    dataset = load_idx(REAL_RAW_DIR)
+    dataset = load_idx(RAW_MNIST)
     assert dataset.train.images.shape == (60_000, 28, 28, 1)
     assert dataset.test.images.shape == (10_000, 28, 28, 1)
     assert dataset.train.labels.shape == (60_000,) and dataset.test.labels.shape == (10_000,)
@@ -186,14 +185,14 @@ def test_tfds_source_gives_the_same_layout():
     assert dataset.sha256 == {}
 
 
-def test_prepare_stage_with_the_tfds_source_writes_records(stage_root, raw_params):
+def test_prepare_stage_with_the_tfds_source_writes_records(stage_root):
     import tensorflow_datasets as tfds
 
     from stages import prepare
     from stages.common import paths
     from stages.common.records import read_framed
 
-    (stage_root / "params.yaml").write_text(yaml.safe_dump({**raw_params, "source": "tfds"}))
+    set_params(stage_root, source="tfds")
     with tfds.testing.mock_data(num_examples=12):
         prepare.main()
     assert len(read_framed(paths.PREPARED_TRAIN)) == 12 and len(read_framed(paths.PREPARED_TEST)) == 12

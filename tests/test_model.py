@@ -1,27 +1,18 @@
 """The model builder's search space: conv blocks, dropout, augmentation, the learning-rate schedule,
 and the scaling inside the model. Synthetic data, seconds each."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from stages.lib.model import build_model
 from stages.train import learning_rate, train
-from tests.conftest import repository_params
-
-SMALL = dict(epochs=2, hidden_layer_size=16, batch_size=32, shuffle_buffer=300, learning_rate=0.01, seed=1)
-
-
-@pytest.fixture(scope="module")
-def data(make_examples):
-    return make_examples(300, seed=1), make_examples(100, seed=2)
+from tests.conftest import SMALL, repository_params, weights_equal
 
 
 def layer_types(model):
     return [layer.__class__.__name__ for layer in model.layers]
-
-
-def weights_equal(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights(), strict=True))
 
 
 def test_default_model_is_the_notebooks_network_taking_raw_pixels():
@@ -81,12 +72,12 @@ def test_augmentation_moves_training_images_only_and_is_seeded():
     assert np.array_equal(model.get_layer("shift")(images / 255.0, training=False), images / 255.0)
 
 
-def test_training_with_every_option_on_is_deterministic(data):
-    params = repository_params(
-        **SMALL, conv_blocks=1, conv_filters=4, dropout=0.2, lr_schedule="cosine", augment_shift=2, augment_rotation=10
+def test_training_with_every_option_on_is_deterministic(small_data):
+    params = dataclasses.replace(
+        SMALL, conv_blocks=1, conv_filters=4, dropout=0.2, lr_schedule="cosine", augment_shift=2, augment_rotation=10
     )
-    first, first_history = train(params, *data)
-    second, second_history = train(params, *data)
+    first, first_history = train(params, *small_data)
+    second, second_history = train(params, *small_data)
     assert weights_equal(first, second)
     assert first_history == second_history
     assert first_history[-1]["val_accuracy"] > 0.3  # chance is 0.1

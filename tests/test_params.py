@@ -5,7 +5,7 @@ import yaml
 
 from stages.common.errors import StageError
 from stages.common.params import load_params, parse_params
-from tests.conftest import REAL_PARAMS
+from tests.conftest import REAL_PARAMS, set_params
 
 
 def test_real_params_file_is_valid_and_typed():
@@ -151,11 +151,9 @@ def test_exponent_notation_is_a_number_as_dvc_writes_it(tmp_path, raw_params):
     assert load_params(path).learning_rate == 1e-05
 
 
-def test_load_params_reads_changed_values(tmp_path, raw_params):
-    raw_params.update(epochs=7, learning_rate=0.5)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw_params))
-    params = load_params(path)
+def test_load_params_reads_changed_values(tmp_path):
+    set_params(tmp_path, epochs=7, learning_rate=0.5)
+    params = load_params(tmp_path / "params.yaml")
     assert (params.epochs, params.learning_rate) == (7, 0.5)
 
 
@@ -173,9 +171,8 @@ def is_heavy(module: str) -> bool:
 
 
 @pytest.mark.parametrize("stage", ["prepare", "split", "train", "evaluate"])
-def test_bad_param_fails_in_one_line_before_importing_tensorflow(tmp_path, raw_params, run_stage_in, stage):
-    raw_params["epochs"] = 0
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+def test_bad_param_fails_in_one_line_before_importing_tensorflow(tmp_path, run_stage_in, stage):
+    set_params(tmp_path, epochs=0)
     result = run_stage_in(stage, tmp_path, python_args=("-X", "importtime"))
     assert result.returncode == 1
     modules = imported_modules(result.stderr)

@@ -7,27 +7,41 @@ can run alone: `pytest -m slow -k <name>`.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 
 import mlflow
 import numpy as np
 import pytest
 import yaml
 
+from stages.common import paths
+from stages.common.params import load_params
 from stages.common.records import read_framed
 from stages.lib.input_pipeline import load_examples
-from stages.lib.tracking import MODEL_TAG, md5
-from tests.e2e import VENV_BIN, changed_stages, experiments_shown, run, stages_run, user_env, wait_until_answering
+from stages.lib.tracking import md5
+from tests.conftest import EPOCH_METRICS, mlflow_as_a_stage, runs_that_trained, set_params
+from tests.e2e import (
+    VENV_BIN,
+    changed_stages,
+    experiments_shown,
+    free_port,
+    run,
+    stages_run,
+    user_env,
+    wait_until_answering,
+)
 
 pytestmark = pytest.mark.slow
 
-METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+# The notebook's network after 5 epochs: its own run gave 0.9667 ("roughly around 97 %"), this pipeline
+# 0.9669 (AVX2, committed) and 0.9666 (AVX-512). 0.96 leaves room for other CPUs and settings and is still
+# far above what a broken input pipeline or unpaired labels give.
+MIN_TEST_ACCURACY = 0.96
 
 
 def client(repo) -> mlflow.MlflowClient:
@@ -35,14 +49,23 @@ def client(repo) -> mlflow.MlflowClient:
 
 
 def runs_of_model(repo, mlflow_client=None) -> list:
-    """The MLflow runs tagged as having trained the workspace's model file, newest first."""
-    mlflow_client = mlflow_client or client(repo)
-    experiment = mlflow_client.get_experiment_by_name("mnist-dnn")
-    return mlflow_client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{MODEL_TAG}` = '{md5(repo / 'models/model.keras')}'",
-        order_by=["attributes.start_time DESC"],
-    )
+    """The MLflow runs that trained the workspace's model file, newest first."""
+    return runs_that_trained(mlflow_client or client(repo), repo / paths.MODEL)
+
+
+def assert_run_holds_what_the_stages_wrote(mlflow_client, run_, repo) -> None:
+    """The run's per-epoch metrics are train's history, its test metrics evaluate's, its params params.yaml's."""
+    with (repo / paths.TRAIN_HISTORY).open(newline="") as file:
+        history = list(csv.DictReader(file))
+    for name in EPOCH_METRICS:
+        logged = mlflow_client.get_metric_history(run_.info.run_id, name)
+        assert [m.step for m in logged] == [int(row["epoch"]) for row in history], name
+        assert [m.value for m in logged] == pytest.approx([float(row[name]) for row in history]), name
+    evaluation = json.loads((repo / paths.EVALUATE_METRICS).read_text())
+    assert {name: run_.data.metrics[name] for name in evaluation} == pytest.approx(evaluation)
+    params = load_params(repo / "params.yaml").as_dict()
+    assert run_.data.params == {key: str(value) for key, value in params.items()}
+    assert run_.data.tags["data.train.md5"] == md5(repo / paths.SPLIT_TRAIN)
 
 
 def as_committed(repo, path: str) -> str:
@@ -120,13 +143,12 @@ def test_portable_numerics_ignore_the_instruction_set_and_the_thread_count(repo)
 def test_repro_records_one_complete_mlflow_run_found_by_the_model_files_hash(repo):
     [run_] = runs_of_model(repo)
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert evaluation["test_accuracy"] >= 0.965
+    assert evaluation["test_accuracy"] >= MIN_TEST_ACCURACY
     assert run_.info.status == "FINISHED"
     assert run_.data.params["epochs"] == "5"
-    assert run_.data.metrics["test_accuracy"] == pytest.approx(evaluation["test_accuracy"])
-    for name in METRICS:
-        assert [m.step for m in client(repo).get_metric_history(run_.info.run_id, name)] == [1, 2, 3, 4, 5]
-    assert run_.data.tags["data.train.md5"] == md5(repo / "data/split/train.tfrecord")
+    assert_run_holds_what_the_stages_wrote(client(repo), run_, repo)
+    # This copy's own store: its artifacts land in its own folder, not in the baseline's.
+    assert run_.info.artifact_uri.startswith((repo / "mlartifacts").as_uri() + "/")
 
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
     assert shown[""]["data"]["metrics/evaluate.json"]["data"] == evaluation
@@ -164,14 +186,12 @@ def test_editing_a_module_changes_only_the_stages_that_import_it(repo, module, c
 
 
 def test_changing_epochs_leaves_the_data_stages_unchanged(repo):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    (repo / "params.yaml").write_text(yaml.safe_dump({**params, "epochs": 7}, sort_keys=False))
+    set_params(repo, epochs=7)
     assert changed_stages(repo) == {"check_params", "train"}
 
 
 def test_an_unknown_key_that_no_stage_reads_stops_repro_and_exp_run_before_anything_is_recorded(repo):
-    with (repo / "params.yaml").open("a") as file:
-        file.write("epoch: 10\n")
+    set_params(repo, epoch=10)
     result = run(["dvc", "repro"], repo, check=False)
     assert result.returncode != 0
     assert "check_params: error: params.yaml: unknown key 'epoch' (did you mean 'epochs'?)" in result.stderr
@@ -221,11 +241,8 @@ def test_the_whole_search_space_in_one_experiment_trains_reproducibly_and_serves
     }  # fmt: skip
     assert once.data.metrics["test_accuracy"] == again.data.metrics["test_accuracy"] > 0.9
     images = load_examples(repo / "data/prepared/test.tfrecord").images[:200]  # raw uint8 pixels
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    try:
+    with mlflow_as_a_stage(repo, f"sqlite:///{repo / 'mlflow.db'}"):
         served = mlflow.pyfunc.load_model(f"runs:/{once.info.run_id}/model").predict(images)
-    finally:
-        mlflow.set_tracking_uri(None)
     import keras
 
     np.testing.assert_array_equal(served, keras.models.load_model(repo / "models/model.keras").predict(images))
@@ -254,7 +271,7 @@ def test_parallel_queued_experiments_all_land_complete_in_the_repository_databas
         assert run_.info.status == "FINISHED", run_.info.run_name
         assert run_.data.params["hidden_layer_size"] == run_.info.run_name.rsplit("-", 1)[1]
         assert set(run_.data.params) == set(yaml.safe_load((repo / "params.yaml").read_text()))
-        for name in METRICS:
+        for name in EPOCH_METRICS:
             assert [m.step for m in client(repo).get_metric_history(run_.info.run_id, name)] == [1, 2]
         assert (
             shown[run_.info.run_name]["metrics/evaluate.json"]["data"]["test_accuracy"]
@@ -279,12 +296,6 @@ def test_evaluate_rerun_on_a_run_cached_model_records_into_the_run_that_trained_
     assert [r.info.run_id for r in runs_of_model(repo)] == [three_epochs_run.info.run_id]
     history = client(repo).get_metric_history(three_epochs_run.info.run_id, "test_accuracy")
     assert len(history) == 2 and history[0].value == history[1].value
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -325,25 +336,21 @@ def test_repro_records_a_complete_run_on_a_tracking_server(repo, tracking_server
     remote = mlflow.MlflowClient(tracking_uri=tracking_server)
     [run_] = runs_of_model(repo, remote)
     assert run_.info.status == "FINISHED"
-    assert run_.data.params["epochs"] == str(yaml.safe_load((repo / "params.yaml").read_text())["epochs"])
-    assert "test_accuracy" in run_.data.metrics
+    assert_run_holds_what_the_stages_wrote(remote, run_, repo)
     assert [a.path for a in remote.list_artifacts(run_.info.run_id)] == ["confusion_matrix.png", "per_class.json"]
-    mlflow.set_tracking_uri(tracking_server)
-    try:
-        predictions = mlflow.pyfunc.load_model(f"runs:/{run_.info.run_id}/model").predict(
-            np.zeros((2, 28, 28, 1), np.uint8)  # raw pixels: the model refuses floats scaled to 0-1
-        )
-    finally:
-        mlflow.set_tracking_uri(None)
-    assert predictions.shape == (2, 10)
+    images = load_examples(repo / paths.PREPARED_TEST).images[:200]  # real digits, raw uint8 pixels
+    with mlflow_as_a_stage(repo, tracking_server):
+        served = mlflow.pyfunc.load_model(f"runs:/{run_.info.run_id}/model").predict(images)
+    import keras
+
+    np.testing.assert_array_equal(served, keras.models.load_model(repo / paths.MODEL).predict(images, verbose=0))
 
 
-def test_a_tracking_server_that_is_down_fails_fast_in_one_line_and_leaves_no_output(repo):
+def test_a_tracking_server_that_is_down_fails_before_training_in_one_line_and_leaves_no_output(repo):
     uri = f"http://127.0.0.1:{free_port()}"
-    started = time.monotonic()
     result = run(["dvc", "repro", "-f", "train"], repo, env=user_env(MLFLOW_TRACKING_URI=uri), check=False)
     assert result.returncode != 0
-    assert time.monotonic() - started < 30
+    assert "Epoch 1/" not in result.stdout  # it failed on connecting, before any training
     errors = [line for line in result.stderr.splitlines() if line.startswith("train: error:")]
     assert len(errors) == 1 and uri in errors[0]
     # DVC removed the previous outputs before the stage failed; the stage says how to get them back.

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.e2e import REPO
 
 
 def test_dvc_is_configured_with_the_self_contained_template():

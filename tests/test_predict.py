@@ -5,7 +5,6 @@ the slow one trains the real network on MNIST and checks that reading digits fro
 no accuracy.
 """
 
-import gzip
 import re
 import shutil
 import subprocess
@@ -22,9 +21,9 @@ from stages.common.dataset import Examples
 from stages.common.errors import StageError
 from stages.lib import tracking
 from stages.lib.digit_images import load_image, to_mnist
-from tests.conftest import REPO, clean_env, repository_params
+from tests.conftest import RAW_MNIST, clean_env, mlflow_as_a_stage, mnist_test_digits, repository_params, write_digit
+from tests.e2e import REPO
 
-TEST_IMAGES = REPO / "data/raw/mnist/t10k-images-idx3-ubyte.gz"
 LINE = re.compile(
     r"(?P<path>.+): (?P<digit>\d)  \((?P<top>\d \d+\.\d%, \d \d+\.\d%, \d \d+\.\d%)\)(?P<doubtful>  doubtful)?"
 )
@@ -40,29 +39,6 @@ STYLES = [
     dict(suffix=".jpg", scale=4, canvas=(1.5, 1.5), ink=20, paper=220, dimmest=0.3),  # photographed, uneven light
     dict(suffix=".jpg", scale=5, canvas=(1.4, 1.8), where=(0.3, 0.6), ink=10, paper=235, dimmest=0.15),
 ]
-
-
-def write_digit(
-    digit, path, suffix, scale=1, canvas=(1.0, 1.0), where=(0.5, 0.5), ink=255, paper=0, dimmest=1.0
-) -> Path:
-    """`digit` (28x28, bright on black) scaled, placed and coloured as told, saved as `path` + `suffix`;
-    lit from the left, the light falling linearly to `dimmest` of full at the right edge."""
-    side = 28 * scale
-    scaled = np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC)) / 255.0
-    height, width = round(side * canvas[0]), round(side * canvas[1])
-    top, left = round((height - side) * where[0]), round((width - side) * where[1])
-    field = np.zeros((height, width))
-    field[top : top + side, left : left + side] = scaled
-    light = np.linspace(1.0, dimmest, width)
-    path = Path(f"{path}{suffix}")
-    Image.fromarray(np.uint8(np.clip(np.rint(light * (paper + (ink - paper) * field)), 0, 255))).save(path, quality=90)
-    return path
-
-
-def mnist_test_digits(count: int) -> np.ndarray:
-    """The first `count` MNIST test digits, uint8 (count, 28, 28), straight from the IDX file."""
-    data = gzip.decompress(TEST_IMAGES.read_bytes())
-    return np.frombuffer(data, np.uint8, count=count * 28 * 28, offset=16).reshape(count, 28, 28)
 
 
 def run_predict(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -214,12 +190,9 @@ def test_it_runs_in_the_repository_root_on_images_anywhere_and_elsewhere_python_
         ),
     ],
 )
-def test_a_missing_or_broken_model_is_a_stage_error_naming_it(tmp_path, monkeypatch, model, message):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def test_a_missing_or_broken_model_is_a_stage_error_naming_it(tmp_path, model, message):
     (tmp_path / "broken.keras").write_text("not a zip file")
-    with pytest.raises(StageError, match=re.escape(message)) as error:
+    with mlflow_as_a_stage(tmp_path), pytest.raises(StageError, match=re.escape(message)) as error:
         predict.load_predictor(model)
     assert "\n" not in str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.keras"]  # no empty mlflow.db
@@ -237,18 +210,12 @@ def logged(fixed_model, tmp_path_factory, make_examples):
 
     path, model, _ = fixed_model
     root = tmp_path_factory.mktemp("store")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("DVC_ROOT", str(root))
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        try:
-            with tracking.recorded_run(experiment_id=tracking.open_experiment("tests")) as run:
-                log_model(path)
-            model_id = mlflow.last_logged_model().model_id
-            version = mlflow.register_model(f"models:/{model_id}", "digits").version
-            mlflow.MlflowClient().set_registered_model_alias("digits", "champion", version)
-        finally:
-            mlflow.set_tracking_uri(None)
+    with mlflow_as_a_stage(root):
+        with tracking.recorded_run(experiment_id=tracking.open_experiment("tests")) as run:
+            log_model(path)
+        model_id = mlflow.last_logged_model().model_id
+        version = mlflow.register_model(f"models:/{model_id}", "digits").version
+        mlflow.MlflowClient().set_registered_model_alias("digits", "champion", version)
     uris = {"run": f"runs:/{run.info.run_id}/model", "alias": "models:/digits@champion", "id": f"models:/{model_id}"}
     return root, uris
 
@@ -295,7 +262,7 @@ def test_digits_read_from_image_files_are_predicted_as_well_as_the_originals(tmp
     from stages.train import save_model, train
 
     import_tensorflow()
-    mnist = load_idx(REPO / "data/raw/mnist")
+    mnist = load_idx(RAW_MNIST)
     train_images, train_labels = mnist.train
     held_out = 54_000  # as split holds out 6,000 for validation (a fixed slice here: the data need no `dvc repro`)
     model, _ = train(
@@ -323,8 +290,13 @@ def test_digits_read_from_image_files_are_predicted_as_well_as_the_originals(tmp
     )
     report = (
         f"accuracy on the original digits {on_originals:.4f}, on the image files {on_files:.4f} ({by_style}); "
-        f"same answer for {np.mean(predicted == originals):.4f} of the digits"
+        f"same answer for {np.mean(predicted == originals):.4f} of the digits; only one of the two right for "
+        f"{np.sum(correct != (originals == labels))}"
     )
     print(report)
     assert on_originals > 0.9, report
-    assert abs(on_files - on_originals) <= 0.01, report
+    # "Costs no accuracy", one-sided (the files may do better), and held to the noise of 1,200 digits:
+    # were the files as good as the originals, the digits on which only one of the two is right (d) would
+    # split like a fair coin, so the files' loss has a standard deviation of sqrt(d) / 1,200 (McNemar).
+    # Three of those is the margin: 0.015 for d = 36 (3 % of the answers differ).
+    assert on_originals - on_files <= 3 * np.sqrt(np.sum(correct != (originals == labels))) / count, report

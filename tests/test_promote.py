@@ -20,8 +20,8 @@ from stages.common.errors import StageError
 from stages.lib import tracking
 from stages.lib.experiments import Experiment
 from stages.lib.mnist_sources import load_idx
-from tests.e2e import run, user_env, wait_until_answering
-from tests.test_pipeline_slow import free_port
+from tests.conftest import RAW_MNIST, answering_model, mlflow_as_a_stage, runs_that_trained
+from tests.e2e import free_port, run, user_env, wait_until_answering
 
 # name: (validation accuracy, test accuracy). "wide" is best on validation, "deep" on test.
 ACCURACIES = {"main": (0.95, 0.96), "wide": (0.97, 0.94), "deep": (0.96, 0.97)}
@@ -54,34 +54,19 @@ def store(tmp_path_factory):
     in a temporary SQLite store that MLflow is pointed at as a stage points it; the workspace is main's model."""
     import mlflow
 
-    class Answer(mlflow.pyfunc.PythonModel):
-        """Answers its experiment's name for every input: a test can tell which model it loaded."""
-
-        def __init__(self, answer: str):
-            self.answer = answer
-
-        def predict(self, context, model_input, params=None):
-            return [self.answer] * len(model_input)
-
     root = tmp_path_factory.mktemp("promote")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("DVC_ROOT", str(root))
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with mlflow_as_a_stage(root):
         experiment_id = tracking.open_experiment("tests")
         rows, runs = [], {}
         for i, (name, (validation, test)) in enumerate(ACCURACIES.items(), start=1):
             model_md5 = str(i) * 32
             tags = {tracking.MODEL_TAG: model_md5, "data.train.md5": "a" * 32, "data.validation.md5": "b" * 32}
             with tracking.recorded_run(experiment_id=experiment_id, tags=tags) as run_:
-                mlflow.pyfunc.log_model(name="model", python_model=Answer(name), pip_requirements=["mlflow"])
+                mlflow.pyfunc.log_model(name="model", python_model=answering_model(name), pip_requirements=["mlflow"])
             runs[name] = run_.info.run_id
             rows.append(row(name, f"{i}" * 40, model_md5, val_accuracy=validation, test_accuracy=test))
         rows.insert(0, rows[0]._replace(name="workspace", rev="workspace"))
-        try:
-            yield experiment_id, mlflow.MlflowClient(), rows, runs
-        finally:
-            mlflow.set_tracking_uri(None)
+        yield experiment_id, mlflow.MlflowClient(), rows, runs
 
 
 def versions(client, name: str) -> list[str]:
@@ -190,10 +175,7 @@ def test_the_promoted_champion_is_served_by_mlflow_models_serve_and_predicts_lik
 
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
-    [training] = client.search_runs(
-        [client.get_experiment_by_name("mnist-dnn").experiment_id],
-        filter_string=f"tags.`{tracking.MODEL_TAG}` = '{tracking.md5(repo / paths.MODEL)}'",
-    )
+    [training] = runs_that_trained(client, repo / paths.MODEL)
     # By run id: right whether or not `dvc repro` reproduced the committed model (then `main` is named).
     result = run(["python", "-m", "stages.promote", training.info.run_id], repo)
     [line] = result.stdout.splitlines()
@@ -208,7 +190,7 @@ def test_the_promoted_champion_is_served_by_mlflow_models_serve_and_predicts_lik
     assert champion.tags["data.test.md5"] == tracking.md5(repo / paths.PREPARED_TEST)
 
     # The input as predict builds it (tests/test_serving.py: every route, and what is refused).
-    inputs = predict.model_input(load_idx(repo / "data/raw/mnist").test.images[:50, :, :, 0])
+    inputs = predict.model_input(load_idx(RAW_MNIST).test.images[:50, :, :, 0])
 
     port = free_port()
     server = subprocess.Popen(

@@ -116,8 +116,9 @@ def test_truncated_record_header_is_rejected_by_the_framing_reader(record_file):
 
 def test_truncated_record_header_is_rejected_by_tensorflows_reader(record_file):
     keep_bytes(record_file, 63 * frame_size(record_file) + 5)
-    with pytest.raises(StageError):
+    with pytest.raises(StageError, match="truncated: 5 bytes after the last complete record") as error:
         load_examples(record_file)
+    assert str(record_file) in str(error.value)
 
 
 def test_missing_file_is_named_by_both_readers(tmp_path):

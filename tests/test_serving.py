@@ -20,8 +20,7 @@ import pytest
 from stages.lib import tracking
 from stages.lib.mnist_sources import load_idx
 from tests.conftest import REPO, repository_params
-from tests.e2e import user_env, wait_until_answering
-from tests.test_pipeline_slow import free_port
+from tests.e2e import free_port, user_env, wait_until_answering
 
 ROUTES = ["instances", "inputs", "dataframe_split", "csv"]
 RULE = "pixels must be whole numbers from 0 to 255 (raw gray levels, not scaled to 0-1)"

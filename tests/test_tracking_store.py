@@ -23,7 +23,8 @@ def test_parallel_stages_on_a_new_mlflow_db_all_get_the_experiment(tmp_path):
         )
         for _ in range(4)
     ]
-    results = [(p.wait(timeout=300), *p.communicate()) for p in processes]
+    outputs = [p.communicate(timeout=300) for p in processes]  # drains both pipes while waiting
+    results = [(p.returncode, out, err) for p, (out, err) in zip(processes, outputs, strict=True)]
     assert [code for code, _, _ in results] == [0] * 4, [err.strip().splitlines()[-1:] for _, _, err in results]
     assert len({out.strip() for _, out, _ in results}) == 1  # one experiment, the same id for all
     assert (tmp_path / "mlflow.db").is_file()

@@ -3,14 +3,12 @@ import dataclasses
 import hashlib
 import json
 import re
-import socket
 import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from stages import evaluate
 from stages.common import paths
@@ -19,24 +17,22 @@ from stages.common.errors import StageError
 from stages.common.params import parse_params
 from stages.lib import tracking
 from stages.train import HISTORY_COLUMNS, save_model, train
-from tests.conftest import REAL_PARAMS, repository_params, write_stage_inputs
-
-# Small and quick, with a learning rate high enough to learn the synthetic bands in two epochs.
-SMALL = repository_params(epochs=2, hidden_layer_size=16, batch_size=32, shuffle_buffer=300, learning_rate=0.01, seed=1)
+from tests.conftest import (
+    EPOCH_METRICS,
+    REAL_PARAMS,
+    SMALL,
+    mlflow_as_a_stage,
+    runs_that_trained,
+    set_params,
+    weights_equal,
+    write_stage_inputs,
+)
+from tests.e2e import copy_repository, free_port
 
 
 @pytest.fixture(scope="module")
-def data(make_examples):
-    return make_examples(300, seed=1), make_examples(100, seed=2)
-
-
-@pytest.fixture(scope="module")
-def trained(data):
-    return train(SMALL, *data)
-
-
-def weights_equal(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights(), strict=True))
+def trained(small_data):
+    return train(SMALL, *small_data)
 
 
 def test_train_returns_one_row_per_epoch_and_learns(trained):
@@ -66,24 +62,24 @@ def test_saved_model_file_is_the_same_bytes_at_another_time_and_loads_back(train
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first.keras", "second.keras"]
 
 
-def test_validation_metrics_are_those_of_the_final_model_on_the_validation_set(trained, data):
+def test_validation_metrics_are_those_of_the_final_model_on_the_validation_set(trained, small_data):
     model, history = trained
-    results = evaluate.evaluate(model, data[1])
+    results = evaluate.evaluate(model, small_data[1])
     assert results["test_loss"] == pytest.approx(history[-1]["val_loss"], rel=1e-5)
     assert results["test_accuracy"] == pytest.approx(history[-1]["val_accuracy"])
 
 
-def test_same_seed_gives_identical_weights_and_another_seed_does_not(trained, data):
-    again, history = train(SMALL, *data)
+def test_same_seed_gives_identical_weights_and_another_seed_does_not(trained, small_data):
+    again, history = train(SMALL, *small_data)
     assert weights_equal(again, trained[0])
     assert history == trained[1]
-    other, _ = train(dataclasses.replace(SMALL, seed=2), *data)
+    other, _ = train(dataclasses.replace(SMALL, seed=2), *small_data)
     assert not weights_equal(other, trained[0])
 
 
-def test_evaluate_accuracy_is_the_share_of_correct_argmax_predictions(trained, data):
+def test_evaluate_accuracy_is_the_share_of_correct_argmax_predictions(trained, small_data):
     model, _ = trained
-    validation = data[1]
+    validation = small_data[1]
     results = evaluate.evaluate(model, validation)
     expected = np.argmax(model.predict(validation.images, verbose=0), axis=1)
     np.testing.assert_array_equal(results["predictions"], expected)
@@ -119,25 +115,32 @@ def test_load_model_errors_name_the_file(tmp_path):
     assert str(broken) in str(error.value) and "\n" not in str(error.value)
 
 
-# --- MLflow, in this process, on a temporary SQLite store ---
+# --- MLflow, in this process, on a temporary SQLite store of the test's own ---
 
 
 @pytest.fixture(scope="module")
-def mlflow_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("mlflow")
+def new_store(tmp_path_factory):
+    """A folder with a new MLflow store holding the experiment "tests": created once, as it takes seconds."""
+    root = tmp_path_factory.mktemp("new-store")
+    with mlflow_as_a_stage(root):
+        tracking.open_experiment("tests")
+    return root
 
 
 @pytest.fixture
-def experiment(mlflow_root, monkeypatch):
-    """Connect to mlflow_root/mlflow.db as a stage does; (experiment id, client). Resets MLflow's global URI."""
+def mlflow_root(new_store, tmp_path):
+    """This test's own copy of new_store, seen as a stage sees it."""
+    root = copy_repository(new_store, tmp_path / "root")
+    with mlflow_as_a_stage(root):
+        yield root
+
+
+@pytest.fixture
+def experiment(mlflow_root):
+    """Connect to mlflow_root/mlflow.db as a stage does; (experiment id, client)."""
     import mlflow
 
-    monkeypatch.chdir(mlflow_root)  # nothing MLflow writes may land in the repository
-    monkeypatch.setenv("DVC_ROOT", str(mlflow_root))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    yield tracking.open_experiment("tests"), mlflow.MlflowClient(f"sqlite:///{mlflow_root}/mlflow.db")
-    mlflow.set_tracking_uri(None)
+    return tracking.open_experiment("tests"), mlflow.MlflowClient(f"sqlite:///{mlflow_root}/mlflow.db")
 
 
 def test_open_experiment_reuses_it_and_keeps_artifacts_beside_the_database(experiment, mlflow_root):
@@ -148,14 +151,9 @@ def test_open_experiment_reuses_it_and_keeps_artifacts_beside_the_database(exper
 
 
 def test_opening_a_broken_store_is_one_line(stage_root):
-    import mlflow
-
     (stage_root / "mlflow.db").write_text("not a database")
-    try:
-        with pytest.raises(StageError, match="unreachable or broken") as error:
-            tracking.open_experiment("tests")
-    finally:
-        mlflow.set_tracking_uri(None)
+    with pytest.raises(StageError, match="unreachable or broken") as error:
+        tracking.open_experiment("tests")
     assert "\n" not in str(error.value)
 
 
@@ -335,8 +333,7 @@ def test_connect_to_a_deleted_experiment_says_how_to_restore_it(experiment):
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, make_examples, run_stage_in):
     root = tmp_path_factory.mktemp("repo")
-    params = {**yaml.safe_load(REAL_PARAMS.read_text()), "epochs": 2, "hidden_layer_size": 8, "shuffle_buffer": 300}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    params = set_params(root, epochs=2, hidden_layer_size=8, shuffle_buffer=300)
     test = make_examples(120, seed=3)
     write_stage_inputs(root, make_examples(300, seed=1), make_examples(100, seed=2), test)
     results = {stage: run_stage_in(stage, root) for stage in ("train", "evaluate")}
@@ -346,22 +343,16 @@ def pipeline(tmp_path_factory, make_examples, run_stage_in):
 
 
 @pytest.fixture
-def pipeline_mlflow(pipeline, monkeypatch):
+def pipeline_mlflow(pipeline):
     """(root, params, test examples, client, training run) with this process pointed at the pipeline's store."""
     import mlflow
 
     root, params, test, _ = pipeline
     uri = f"sqlite:///{root}/mlflow.db"
-    monkeypatch.chdir(root)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
-    [run] = client.search_runs(
-        [client.get_experiment_by_name(params["mlflow_experiment"]).experiment_id],
-        filter_string=f"tags.`{tracking.MODEL_TAG}` = '{tracking.md5(root / paths.MODEL)}'",
-    )
-    yield root, params, test, client, run
-    mlflow.set_tracking_uri(None)
+    with mlflow_as_a_stage(root, uri):
+        client = mlflow.MlflowClient(uri)
+        [run] = runs_that_trained(client, root / paths.MODEL, params["mlflow_experiment"])
+        yield root, params, test, client, run
 
 
 def read_json(path):
@@ -397,7 +388,7 @@ def test_training_run_records_params_metrics_tags_and_artifacts(pipeline_mlflow)
     assert run.data.params == {key: str(value) for key, value in parse_params(params).as_dict().items()}
 
     history = read_csv(root / paths.TRAIN_HISTORY)
-    for name in HISTORY_COLUMNS[1:]:
+    for name in EPOCH_METRICS:
         logged = client.get_metric_history(run.info.run_id, name)
         assert [m.step for m in logged] == [1, 2]
         assert [m.value for m in logged] == pytest.approx([float(row[name]) for row in history])
@@ -481,24 +472,18 @@ def test_evaluate_without_a_model_fails_in_one_line_and_records_nothing(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
-def test_metrics_logged_asynchronously_that_never_reach_the_store_fail_the_stage(monkeypatch):
+def test_metrics_logged_asynchronously_that_never_reach_the_store_fail_the_stage(monkeypatch, tmp_path):
     # MLflow's flush_async_logging returns normally when its retries ran out and the data is lost.
     import mlflow
 
-    with socket.socket() as probe:  # a port where nothing listens
-        probe.bind(("127.0.0.1", 0))
-        uri = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    uri = f"http://127.0.0.1:{free_port()}"  # where nothing listens
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    try:
+    with mlflow_as_a_stage(tmp_path, uri):
         operation = mlflow.MlflowClient().log_batch(
             "0" * 32, metrics=[mlflow.entities.Metric("loss", 0.5, 0, 1)], synchronous=False
         )
         with pytest.raises(StageError, match=f"MLflow: logged data did not reach {uri}") as error:
             tracking.wait_until_stored([operation])
-    finally:
-        mlflow.set_tracking_uri(None)
     assert "\n" not in str(error.value)
 
 
