@@ -172,6 +172,14 @@ def test_committed_mnist_files_match_the_pinned_hashes():
     assert dataset.sha256 == PINNED_SHA256
 
 
+def test_tfds_can_prepare_mnist_here_not_only_its_mock():
+    """`source: tfds` with network: tfds' builder locates its code with `importlib_resources`, which
+    tensorflow-datasets does not declare (a user's first download failed on it; mock_data never gets there)."""
+    import tensorflow_datasets as tfds
+
+    assert tfds.builder("mnist", data_dir="unused").code_path.name == "mnist.py"
+
+
 def test_tfds_source_gives_the_same_layout():
     import tensorflow_datasets as tfds
 
