@@ -3,6 +3,7 @@
 writes a few bytes instead of training. The slow tests do the same on the real pipeline."""
 
 import hashlib
+import urllib.parse
 
 import pytest
 
@@ -111,10 +112,14 @@ def test_runs_names_the_training_run_of_each_experiments_model(experiments, run_
             "two": [model_md5(2)[:8], "(no", "run", "in"],
         }
     )
-    assert (
-        lines[-1]
-        == f"MLflow UI: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    )
+    page, query = lines[-1].split("?", 1)
+    assert page == f"MLflow UI: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs"
+    query = dict(urllib.parse.parse_qsl(query))
+    assert query.pop("searchFilter") in {
+        f"attributes.run_id IN ('{first}', '{second}')"
+        for first, second in ((runs["main"], runs["seven"]), (runs["seven"], runs["main"]))
+    }
+    assert query == {"workflowType": "machine_learning", "compareRunsMode": "CHART"}
 
     unknown = run_stage_in("runs", root, "seven", "nine")
     assert (unknown.returncode, unknown.stderr) == (1, "runs: error: no such experiment: nine (see `dvc exp show`)\n")
