@@ -75,7 +75,10 @@ PORTABLE_THREADS = 1
 def import_tensorflow(numerics: str = "portable") -> ModuleType:
     """Import TensorFlow, its C++ banner silenced (it ignores the setting above), with the CPU
     kernels that `numerics` names: "portable", the same bits on any CPU; "native", TensorFlow's
-    defaults. Call it before anything else imports TensorFlow."""
+    defaults. Only the call that imports TensorFlow chooses (a process's kernels are fixed once
+    TensorFlow runs): the stages call it first thing."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
     if numerics == "portable":
         os.environ.update(PORTABLE_KERNELS)
     saved_stderr = os.dup(2)
