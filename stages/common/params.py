@@ -138,14 +138,18 @@ _ParamsLoader.add_implicit_resolver(
 )
 
 
-def load_params(path: Path = PARAMS_FILE) -> Params:
-    """Read and validate `params.yaml`."""
+def read_yaml(path: Path, what: str = "parameters") -> Any:
+    """A YAML file as params.yaml is read (floats as YAML 1.2, no key twice); StageError if it cannot be."""
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise StageError(f"{path}: cannot read parameters: {exc.strerror}") from exc
+        raise StageError(f"{path}: cannot read {what}: {exc.strerror}") from exc
     try:
-        raw = yaml.load(text, Loader=_ParamsLoader)
+        return yaml.load(text, Loader=_ParamsLoader)
     except yaml.YAMLError as exc:
         raise StageError(f"{path}: not valid YAML: {first_line(exc)}") from exc
-    return parse_params(raw, str(path))
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    """Read and validate `params.yaml`."""
+    return parse_params(read_yaml(path), str(path))
