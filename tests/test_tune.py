@@ -1,8 +1,12 @@
 """python -m stages.tune, without training: the search space, naming, pruning decisions, resume."""
 
+import sys
+import threading
+
 import optuna
 import pytest
 
+from stages import tune
 from stages.common.errors import StageError
 from stages.common.params import load_params
 from stages.lib.search_space import load_space, parse_space, set_arguments, suggest
@@ -62,6 +66,20 @@ def test_a_bad_search_space_is_one_line_naming_what_is_wrong(changes, message):
     assert "\n" not in str(caught.value)
 
 
+def test_a_bad_search_space_stops_the_command_before_anything_runs(tmp_path, run_stage_in):
+    (tmp_path / "params.yaml").write_bytes(REAL_PARAMS.read_bytes())
+    (tmp_path / "search.yaml").write_text("parameters:\n  dropout: {min: 0.5, max: 0.2}\nbudget: {trials: 2}\n")
+    result = run_stage_in("tune", tmp_path)
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        == "tune: error: search.yaml: parameters.dropout: empty range, min 0.5 must be below max 0.2"
+    )
+    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml", tmp_path / "search.yaml"] or sorted(
+        p.name for p in tmp_path.iterdir()
+    ) == ["params.yaml", "search.yaml"]
+
+
 def test_suggested_points_are_in_the_space_valid_and_seeded():
     searched = parse_space(
         space(parameters={**space()["parameters"], "lr_schedule": {"values": ["constant", "cosine"]}}), BASE
@@ -98,3 +116,146 @@ def test_set_arguments_round_trip_through_params_yaml_reading():
         "-S",
         "dropout=0.25",
     ]
+
+
+# ---------------------------------------------------------------- the runner, on a stand-in for `dvc exp run`
+
+# Prints an epoch line as Keras does for each value given, a little apart; on SIGINT it stops after the
+# current epoch's line and exits 130, as the train stage does under DVC; "fail" exits 1. Writes its name into `ran`.
+FAKE_TRIAL = """
+import signal, sys, time
+from pathlib import Path
+stop = []
+signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+name, values = sys.argv[1], sys.argv[2:]
+with open(Path(sys.argv[0]).parent / "ran", "a") as ran:
+    ran.write(name + "\\n")
+print("Running stage 'train':", flush=True)
+print("some noise on stderr", file=sys.stderr, flush=True)
+for epoch, value in enumerate(values, 1):
+    if value == "fail":
+        sys.exit(1)
+    time.sleep(0.2)
+    print(f"540/540 - 1s - accuracy: 0.9 - loss: 0.3 - val_accuracy: {value} - val_loss: 0.3", flush=True)
+    if stop:
+        sys.exit(130)
+"""
+
+
+class FakeTrials(tune.Trials):
+    """Trials whose `dvc exp run` is FAKE_TRIAL printing the curve `curves[name]`; done = its last value."""
+
+    def __init__(self, folder, curves):
+        super().__init__(folder, None)
+        self.script = folder / "fake_trial.py"
+        self.script.write_text(FAKE_TRIAL)
+        self.curves, self.done = curves, {}
+
+    def command(self, name, point):
+        return [sys.executable, str(self.script), name, *map(str, self.curves[name])]
+
+    def metrics(self, name):
+        return self.done.get(name)
+
+    def run(self, command, log_path, on_epoch):
+        status, pruned = super().run(command, log_path, on_epoch)
+        if status == 0:
+            self.done[command[2]] = {"val_accuracy": float(command[-1])}
+        return status, pruned
+
+    def ran(self):
+        path = self.script.parent / "ran"
+        return path.read_text().split() if path.exists() else []
+
+
+def tiny_study(folder, name="s", startup_trials=2, warmup_epochs=1):
+    searched = parse_space(space(pruner={"startup_trials": startup_trials, "warmup_epochs": warmup_epochs}), BASE)
+    storage = tune.open_storage(f"sqlite:///{folder / 'optuna.db'}")
+    return tune.open_study(name, storage, searched), searched
+
+
+def optimize(study, searched, trials, n):
+    marked = {}
+    run_trial = tune.objective(
+        trials, searched, BASE, study.study_name, lambda name, tags: marked.setdefault(name, tags)
+    )
+    study.optimize(run_trial, n_trials=n, catch=(tune.TrialFailed,))
+    return marked
+
+
+def test_experiment_names_are_the_study_and_the_trial_number():
+    assert tune.experiment_name("cnn", 0) == "cnn-0" and tune.experiment_name("cnn", 12) == "cnn-12"
+
+
+def test_the_runner_reads_every_epoch_and_stops_the_trial_at_an_epoch_end(tmp_path):
+    trials = FakeTrials(tmp_path, {"s-0": [0.5, 0.6, 0.7, 0.8, 0.9]})
+    seen = []
+    status, pruned = trials.run(
+        trials.command("s-0", {}), tmp_path / "s-0.log", lambda epoch, value: seen.append((epoch, value)) or epoch == 2
+    )
+    assert (status, pruned) == (130, True)
+    assert seen == [(1, 0.5), (2, 0.6)]  # the process stopped after the epoch it was told at
+    log_text = (tmp_path / "s-0.log").read_text()
+    assert "some noise on stderr" in log_text  # stderr read too
+    assert log_text.count("val_accuracy") in (3, 4)  # the signal comes during the next epoch, which ends it
+
+
+def test_a_trial_behind_the_median_is_pruned_and_makes_no_experiment(tmp_path):
+    curves = {
+        "s-0": [0.90, 0.95, 0.97],
+        "s-1": [0.92, 0.96, 0.98],
+        "s-2": [0.50, 0.60, 0.99],
+        "s-3": [0.93, 0.97, 0.985],
+    }
+    study, searched = tiny_study(tmp_path)
+    trials = FakeTrials(tmp_path, curves)
+    marked = optimize(study, searched, trials, 4)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
+    assert study.trials[2].intermediate_values == {1: 0.5}  # stopped at its first epoch past the warm-up
+    assert marked["s-2"][tune.PRUNED_TAG] == "true" and "s-2" not in trials.done
+    assert study.best_trial.number == 3 and study.best_value == 0.985
+
+
+def test_pruning_waits_for_the_warm_up_and_the_first_trials(tmp_path):
+    curves = {"s-0": [0.9, 0.9, 0.9], "s-1": [0.1, 0.1, 0.95], "s-2": [0.1, 0.1, 0.1]}
+    study, searched = tiny_study(tmp_path, startup_trials=1, warmup_epochs=2)
+    optimize(study, searched, FakeTrials(tmp_path, curves), 3)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "PRUNED"]
+    assert [max(t.intermediate_values) for t in study.trials[1:]] == [2, 2]
+
+
+def test_resuming_never_reruns_a_completed_trial(tmp_path):
+    curves = {f"s-{n}": [0.9 + n / 100] for n in range(5)}
+    study, searched = tiny_study(tmp_path)
+    trials = FakeTrials(tmp_path, curves)
+    optimize(study, searched, trials, 2)
+    again, _ = tiny_study(tmp_path)  # a new process: the study from its database
+    assert tune.counted(again) == 2
+    optimize(again, searched, trials, 1)
+    assert trials.ran() == ["s-0", "s-1", "s-2"]
+    assert [t.value for t in again.trials] == [0.9, 0.91, 0.92]
+
+
+def test_a_trial_whose_experiment_exists_is_read_not_rerun(tmp_path):
+    study, searched = tiny_study(tmp_path)
+    trials = FakeTrials(tmp_path, {"s-0": [0.5]})
+    trials.done["s-0"] = {"val_accuracy": 0.97}  # e.g. a worker killed after DVC committed the experiment
+    optimize(study, searched, trials, 1)
+    assert trials.ran() == [] and study.trials[0].value == 0.97
+
+
+def test_a_failed_trial_is_recorded_and_the_study_goes_on(tmp_path):
+    study, searched = tiny_study(tmp_path)
+    trials = FakeTrials(tmp_path, {"s-0": [0.9, "fail"], "s-1": [0.9]})
+    optimize(study, searched, trials, 2)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+
+
+def test_stop_all_stops_the_running_trials_and_starts_no_new_one(tmp_path):
+    trials = FakeTrials(tmp_path, {"s-0": [0.5] * 40})
+    threading.Timer(0.5, trials.stop_all).start()
+    status, pruned = trials.run(trials.command("s-0", {}), tmp_path / "s-0.log", lambda e, v: False)
+    assert status == 130 and not pruned
+    with pytest.raises(tune.TrialFailed, match="interrupted"):
+        trials.run(trials.command("s-0", {}), tmp_path / "again.log", lambda e, v: False)
