@@ -126,22 +126,22 @@ class Trials:
 
     def run(self, command: list[str], log_path: Path, on_epoch: Callable[[int, float], bool]) -> tuple[int, bool]:
         """Run `command`, its output (stdout and stderr, one pipe, read to the end) into `log_path`; call
-        `on_epoch(epoch, val_accuracy)` at each epoch's line and stop the process when it returns True.
+        `on_epoch(epoch, val_accuracy)` at each epoch's line and stop the process the first time it returns True.
         Returns the exit status and whether it was stopped for `on_epoch`."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.parent_run_id:
             env[tracking.PARENT_RUN_ENV] = self.parent_run_id
         log_path.parent.mkdir(parents=True, exist_ok=True)
         pruned = False
-        with open(log_path, "w") as log_file, self._started(command, env) as process:
+        with open(log_path, "w", buffering=1) as log_file, self._started(command, env) as process:
             epoch = 0
             for line in process.stdout:
                 log_file.write(line)
                 found = EPOCH_LINE.search(line)
-                if found and not pruned:
+                if found:
                     epoch += 1
-                    if on_epoch(epoch, float(found.group(1))):
-                        pruned = True
+                    if on_epoch(epoch, float(found.group(1))) and not pruned:
+                        pruned = True  # the epoch under way when the signal comes is the last
                         self._interrupt(process)
             status = process.wait()
         return status, pruned
@@ -212,24 +212,23 @@ def objective(
             log_path = trials.repo / TRIAL_LOGS / f"{name}.log"
             log("tune", f"trial {trial.number} ({name}) started: {_describe(point, space)}")
 
-            epochs = []
+            epochs, last_epoch = [], point.get("epochs", base.epochs)
 
             def on_epoch(epoch: int, value: float) -> bool:
                 epochs.append(epoch)
                 trial.report(value, epoch)
-                return trial.should_prune()
+                # Not at the last epoch: the trial is complete by then, stopping it would save nothing.
+                return epoch < last_epoch and trial.should_prune()
 
             status, pruned = trials.run(trials.command(name, point), log_path, on_epoch)
-            if pruned:
-                mark_run(name, {PRUNED_TAG: "true", "tune.study": study_name, "tune.trial": str(trial.number)})
-                raise optuna.TrialPruned(f"{name} pruned after epoch {epochs[-1]}")
-            if trials.stopping.is_set():
-                raise TrialFailed(f"{name} interrupted")
-            if status != 0:
-                raise TrialFailed(f"{name}: `dvc exp run` exited {status}; see {log_path}")
-            done = trials.metrics(name)
+            done = trials.metrics(name) if status == 0 else None  # complete, even if stopped too late
             if done is None:
-                raise TrialFailed(f"{name}: `dvc exp run` made no experiment; see {log_path}")
+                if pruned:
+                    mark_run(name, {PRUNED_TAG: "true", "tune.study": study_name, "tune.trial": str(trial.number)})
+                    raise optuna.TrialPruned(f"{name} pruned after epoch {epochs[-1]}")
+                failure = "interrupted" if trials.stopping.is_set() else f"`dvc exp run` exited {status}"
+                trial.set_user_attr("failure", f"{failure}; see {log_path}")
+                raise TrialFailed(f"{name}: {failure}")
         mark_run(name, {"tune.study": study_name, "tune.trial": str(trial.number)})
         return float(done["val_accuracy"])
 
@@ -405,7 +404,7 @@ def main(study: str, trials: int | None, minutes: float | None, jobs: int, stora
     )
     budget, limit = searched.trials, searched.minutes
     experiment_id = tracking.open_experiment(base.mlflow_experiment)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # tune prints each trial's end itself
     the_study = open_study(study, open_storage(storage or default_storage()), searched)
     parent = ParentRun(the_study, experiment_id, searched, space)
     runner = Trials(tracking.repo_root(), parent.run_id)
@@ -442,6 +441,8 @@ def main(study: str, trials: int | None, minutes: float | None, jobs: int, stora
 
 def _logging_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     what = f"val_accuracy {trial.value:.4f}" if trial.value is not None else trial.state.name.lower()
+    if trial.state.name == "FAIL":
+        what = f"failed: {trial.user_attrs.get('failure', 'see the log above')}"
     if trial.state.name == "PRUNED":
         what = f"pruned after epoch {max(trial.intermediate_values, default=0)}"
     log("tune", f"trial {trial.number} ({trial.user_attrs.get('experiment', '')}): {what}")
