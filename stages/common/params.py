@@ -42,6 +42,7 @@ class Params:
     lr_schedule: str
     augment_shift: int
     augment_rotation: float
+    early_stopping_patience: int
     mlflow_experiment: str
     registered_model: str
 
@@ -81,6 +82,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "lr_schedule": (lambda v: v in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
     "augment_shift": (lambda v: _is_int(v) and 0 <= v <= 8, "an integer number of pixels in [0, 8]"),
     "augment_rotation": (lambda v: _is_number(v) and 0 <= v <= 45, "a number of degrees in [0, 45]"),
+    "early_stopping_patience": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no early stopping)"),
     "mlflow_experiment": (_is_name, "a non-empty string"),
     "registered_model": (_is_name, "a non-empty string"),
 }
