@@ -49,6 +49,19 @@ HEARTBEAT_SECONDS = 10  # a worker that stops beating for GRACE_SECONDS (SIGKILL
 GRACE_SECONDS = 60
 
 
+# Runs a trial's command (argv[2:]) in its process group and, if the tune process argv[1] dies without
+# stopping it (SIGKILL), stops it as Ctrl-C would: without this the trial would train on, unowned.
+_STOPPED_WITH_TUNE = """
+import ctypes, os, signal, subprocess, sys
+signal.signal(signal.SIGINT, lambda *_: None)  # tune's SIGINT is for the stage (SIG_IGN would be inherited)
+signal.signal(signal.SIGHUP, lambda *_: os.killpg(0, signal.SIGINT))
+ctypes.CDLL(None).prctl(1, signal.SIGHUP)  # PR_SET_PDEATHSIG: SIGHUP when the thread that started us ends
+if os.getppid() != int(sys.argv[1]):
+    os.killpg(0, signal.SIGINT)
+sys.exit(subprocess.call(sys.argv[2:]))
+"""
+
+
 class TrialFailed(Exception):
     """A trial that did not complete (its experiment failed, or it was interrupted): FAIL, the study goes on."""
 
@@ -152,7 +165,7 @@ class Trials:
             if self.stopping.is_set():
                 raise TrialFailed("interrupted before it started")
             process = subprocess.Popen(
-                command,
+                [sys.executable, "-c", _STOPPED_WITH_TUNE, str(os.getpid()), *command],
                 cwd=self.repo,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -278,7 +291,7 @@ class ParentRun:
         """Optuna callback: the best value so far and its params; the pictures, redrawn."""
         import optuna
 
-        with self._lock:
+        with self._lock, _not_fatal("update the study's run"):
             try:
                 best = study.best_trial
             except ValueError:
@@ -324,16 +337,28 @@ class ParentRun:
 
     def mark_run(self, name: str, tags: dict[str, str]) -> None:
         """Tag the trial's MLflow run, found by its experiment's name (none if DVC restored the trial)."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`dvc.experiment` = '{name}' and tags.`mlflow.parentRunId` = '{self.run_id}'",
-        )
-        for run in runs:
-            for key, value in tags.items():
-                self.client.set_tag(run.info.run_id, key, value)
+        with _not_fatal(f"tag the run of {name}"):
+            runs = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`dvc.experiment` = '{name}' and tags.`mlflow.parentRunId` = '{self.run_id}'",
+            )
+            for run in runs:
+                for key, value in tags.items():
+                    self.client.set_tag(run.info.run_id, key, value)
 
     def end(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status)
+        with _not_fatal("end the study's run"):
+            self.client.set_terminated(self.run_id, status)
+
+
+@contextlib.contextmanager
+def _not_fatal(what: str) -> Iterator[None]:
+    """The study's own records in MLflow are not worth a trial: a tracking server that is down (after
+    MLflow's retries) costs an update, which the next trial's redoes, not the study."""
+    try:
+        yield
+    except Exception as exc:
+        log("tune", f"MLflow: could not {what}: {first_line(exc)}; the study goes on")
 
 
 def _space_tags(space: Space) -> dict[str, str]:

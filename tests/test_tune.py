@@ -1,7 +1,9 @@
 """python -m stages.tune, without training: the search space, naming, pruning decisions, resume."""
 
+import os
 import sys
 import threading
+import time
 
 import optuna
 import pytest
@@ -123,19 +125,19 @@ def test_set_arguments_round_trip_through_params_yaml_reading():
 # Prints an epoch line as Keras does for each value given, a little apart; on SIGINT it stops after the
 # current epoch's line and exits 130, as the train stage does under DVC; "fail" exits 1. Writes its name into `ran`.
 FAKE_TRIAL = """
-import signal, sys, time
+import os, signal, sys, time
 from pathlib import Path
 stop = []
 signal.signal(signal.SIGINT, lambda *_: stop.append(1))
 name, values = sys.argv[1], sys.argv[2:]
 with open(Path(sys.argv[0]).parent / "ran", "a") as ran:
-    ran.write(name + "\\n")
+    ran.write(f"{name} {os.getpid()}\\n")
 print("Running stage 'train':", flush=True)
 print("some noise on stderr", file=sys.stderr, flush=True)
 for epoch, value in enumerate(values, 1):
     if value == "fail":
         sys.exit(1)
-    time.sleep(0.2)
+    time.sleep(0.5)  # time for the signal to come, on a busy machine too
     stopping = bool(stop)  # a signal that comes after this epoch's line stops the next one
     print(f"540/540 - 1s - accuracy: 0.9 - loss: 0.3 - val_accuracy: {value} - val_loss: 0.3", flush=True)
     if stopping:
@@ -166,7 +168,7 @@ class FakeTrials(tune.Trials):
 
     def ran(self):
         path = self.script.parent / "ran"
-        return path.read_text().split() if path.exists() else []
+        return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def tiny_study(folder, name="s", startup_trials=2, warmup_epochs=1, epochs=3):
@@ -270,3 +272,44 @@ def test_stop_all_stops_the_running_trials_and_starts_no_new_one(tmp_path):
     assert status == 130 and not pruned
     with pytest.raises(tune.TrialFailed, match="interrupted"):
         trials.run(trials.command("s-0", {}), tmp_path / "again.log", lambda e, v: False)
+
+
+# One worker of a study on the database in argv[1], its heartbeat every second, its trials FakeTrials.
+WORKER = """
+import sys
+from pathlib import Path
+from stages import tune
+from tests.test_tune import FakeTrials, optimize, tiny_study
+tune.HEARTBEAT_SECONDS, tune.GRACE_SECONDS = 1, 3
+folder = Path(sys.argv[1])
+study, searched = tiny_study(folder)
+optimize(study, searched, FakeTrials(folder, {f"s-{n}": [0.9] * 30 for n in range(3)}), 1)
+"""
+
+
+def test_a_worker_killed_with_sigkill_leaves_a_failed_trial_its_point_is_retried_and_its_trial_stopped(
+    tmp_path, monkeypatch
+):
+    import subprocess
+
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(tmp_path)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ran").exists():
+        assert time.monotonic() < deadline and worker.poll() is None
+        time.sleep(0.2)
+    time.sleep(1)  # into its first epochs
+    worker.kill()
+    worker.wait()
+    time.sleep(4)  # the grace period passes without a heartbeat; the orphaned trial stops at its epoch end
+    monkeypatch.setattr(tune, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(tune, "GRACE_SECONDS", 3)
+    study, searched = tiny_study(tmp_path)
+    trials = FakeTrials(tmp_path, {"s-1": [0.93] * 3})
+    optimize(study, searched, trials, 1)
+    first, retried = study.trials
+    assert (first.state.name, retried.state.name) == ("FAIL", "COMPLETE")
+    assert retried.params == first.params and retried.value == 0.93  # the killed trial's point, run again
+    orphan = int((tmp_path / "ran").read_text().split()[1])
+    assert not os.path.exists(f"/proc/{orphan}")  # the killed worker's trial stopped, not left to train on
