@@ -1,5 +1,5 @@
-"""End to end: a tiny study (4 trials x 2 epochs, 2 at once) in a copy of the baseline, resumed, repeated
-on a point DVC has trained before, and its winner promoted."""
+"""End to end: a tiny study (4 trials x 2 epochs, 2 at once) in a copy of the baseline, resumed, a point DVC
+has trained before restored from its run-cache, and the winner promoted."""
 
 from __future__ import annotations
 
@@ -76,16 +76,20 @@ def test_a_tiny_study_runs_each_trial_as_an_experiment_under_one_parent_run(repo
     assert "tune: study tiny: 4 trials done of 4" in again.stdout
     assert set(experiments_shown(repo)) == set(shown)
 
-    # A second study with the same seed suggests the same first point (with 2 jobs, trial 0's or 1's):
-    # DVC restores it from its run-cache (no training, no MLflow run), and the study still gets its value.
+    # Two one-trial studies with the same seed (one job: Optuna reseeds the sampler for more) suggest the
+    # same point: DVC restores the second from its run-cache (no training, no MLflow run), and the
+    # study still gets its value.
+    first = tune(repo, "--study", "first", "--trials", "1")
+    assert "tune: trial 0 (first-0): val_accuracy" in first.stdout
     repeat = tune(repo, "--study", "repeat", "--trials", "1")
     assert "tune: trial 0 (repeat-0): val_accuracy" in repeat.stdout
-    repeated = optuna.load_study(study_name="repeat", storage=f"sqlite:///{repo / 'optuna.db'}").trials[0]
-    (same,) = [t for t in study.trials if t.params == repeated.params]
-    if same.state.name == "COMPLETE":
-        log_text = (repo / ".dvc/tmp/tune/repeat-0.log").read_text()
-        assert "Stage 'train' is cached - skipping run" in log_text and repeated.value == same.value
-        assert not client.search_runs([experiment.experiment_id], "tags.`dvc.experiment` = 'repeat-0'")
+    original, repeated = (
+        optuna.load_study(study_name=name, storage=f"sqlite:///{repo / 'optuna.db'}").trials[0]
+        for name in ("first", "repeat")
+    )
+    assert repeated.params == original.params and repeated.value == original.value
+    assert "Stage 'train' is cached - skipping run" in (repo / ".dvc/tmp/tune/repeat-0.log").read_text()
+    assert not client.search_runs([experiment.experiment_id], "tags.`dvc.experiment` = 'repeat-0'")
 
     promoted = run([sys.executable, "-m", "stages.promote", f"tiny-{study.best_trial.number}"], repo)
     assert f"experiment tiny-{study.best_trial.number}" in promoted.stdout
