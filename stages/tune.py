@@ -129,7 +129,7 @@ class Trials:
         self.parent_run_id = parent_run_id
         self.stopping = threading.Event()
         self._running: dict[int, subprocess.Popen] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # stop_all, a signal handler, may interrupt the main thread holding it
 
     def command(self, name: str, point: dict[str, Any]) -> list[str]:
         return [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name, *set_arguments(point)]
@@ -229,9 +229,13 @@ def objective(
 
             def on_epoch(epoch: int, value: float) -> bool:
                 epochs.append(epoch)
-                trial.report(value, epoch)
-                # Not at the last epoch: the trial is complete by then, stopping it would save nothing.
-                return epoch < last_epoch and trial.should_prune()
+                try:
+                    trial.report(value, epoch)
+                    # Not at the last epoch: the trial is complete by then, stopping it would save nothing.
+                    return epoch < last_epoch and trial.should_prune()
+                except Exception as exc:  # the study's database is down: train on, unpruned
+                    log("tune", f"{name}: epoch {epoch} not reported to the study ({first_line(exc)}); not pruning")
+                    return False
 
             status, pruned = trials.run(trials.command(name, point), log_path, on_epoch)
             done = trials.metrics(name) if status == 0 else None  # complete, even if stopped too late
@@ -269,7 +273,7 @@ class ParentRun:
         self.client = mlflow.MlflowClient()
         self.study = study
         self.experiment_id = experiment_id
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # stop_all, a signal handler, may interrupt the main thread holding it
         run_id = study.user_attrs.get("mlflow.run_id")
         try:
             run = self.client.get_run(run_id) if run_id else None

@@ -313,3 +313,16 @@ def test_a_worker_killed_with_sigkill_leaves_a_failed_trial_its_point_is_retried
     assert retried.params == first.params and retried.value == 0.93  # the killed trial's point, run again
     orphan = int((tmp_path / "ran").read_text().split()[1])
     assert not os.path.exists(f"/proc/{orphan}")  # the killed worker's trial stopped, not left to train on
+
+
+def test_a_trial_trains_on_unpruned_while_the_study_database_cannot_take_its_epochs(tmp_path, monkeypatch, capsys):
+    def database_down(*args):
+        raise OSError("could not connect to server")
+
+    study, searched = tiny_study(tmp_path)
+    monkeypatch.setattr(optuna.trial.Trial, "report", database_down)
+    optimize(study, searched, FakeTrials(tmp_path, {"s-0": [0.9, 0.91, 0.92]}), 1)
+    assert study.trials[0].state.name == "COMPLETE" and study.trials[0].value == 0.92
+    assert (
+        "s-0: epoch 1 not reported to the study (could not connect to server); not pruning" in capsys.readouterr().out
+    )
