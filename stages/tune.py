@@ -198,13 +198,10 @@ class Trials:
 
 
 def experiment_metrics(repo: Path, name: str) -> dict[str, Any] | None:
-    """metrics/train.json of the DVC experiment `name`, None if there is no such experiment."""
-    refs = subprocess.run(
-        ["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=repo, capture_output=True, text=True
-    ).stdout.split()
-    ref = next((r for r in refs if r.rsplit("/", 1)[-1] == name), None)
-    if ref is None:
-        return None
+    """metrics/train.json of the DVC experiment `name` of the current commit (where DVC keeps it:
+    refs/exps/<commit[:2]>/<commit[2:]>/<name>), None if there is no such experiment."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    ref = f"refs/exps/{head[:2]}/{head[2:]}/{name}"
     shown = subprocess.run(["git", "show", f"{ref}:metrics/train.json"], cwd=repo, capture_output=True, text=True)
     return json.loads(shown.stdout) if shown.returncode == 0 else None
 

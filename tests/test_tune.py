@@ -1,6 +1,7 @@
 """python -m stages.tune, without training: the search space, naming, pruning decisions, resume."""
 
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -290,8 +291,6 @@ optimize(study, searched, FakeTrials(folder, {f"s-{n}": [0.9] * 30 for n in rang
 def test_a_worker_killed_with_sigkill_leaves_a_failed_trial_its_point_is_retried_and_its_trial_stopped(
     tmp_path, monkeypatch
 ):
-    import subprocess
-
     worker = subprocess.Popen(
         [sys.executable, "-c", WORKER, str(tmp_path)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
     )
@@ -326,3 +325,21 @@ def test_a_trial_trains_on_unpruned_while_the_study_database_cannot_take_its_epo
     assert (
         "s-0: epoch 1 not reported to the study (could not connect to server); not pruning" in capsys.readouterr().out
     )
+
+
+def test_a_trials_value_is_read_from_its_experiment_of_the_current_commit(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "baseline")
+    head = git("rev-parse", "HEAD")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/train.json").write_text('{"epochs": 2, "val_accuracy": 0.97}')
+    git("add", "metrics")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "the experiment")
+    git("update-ref", f"refs/exps/{head[:2]}/{head[2:]}/cnn-3", "HEAD")  # where `dvc exp run -n cnn-3` puts it
+    git("update-ref", "refs/exps/00/0000000000000000000000000000000000000/cnn-4", "HEAD")  # another commit's
+    git("reset", "-q", "--hard", head)
+    assert tune.experiment_metrics(tmp_path, "cnn-3") == {"epochs": 2, "val_accuracy": 0.97}
+    assert tune.experiment_metrics(tmp_path, "cnn-4") is None and tune.experiment_metrics(tmp_path, "cnn-5") is None
