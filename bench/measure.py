@@ -3,7 +3,8 @@
 1. notebook loop: the notebook's tf.data + Keras code as written, on the committed MNIST arrays
    (tfds cannot download here); per-epoch times from a Keras callback, and test accuracy.
 2. pipeline train: `stages.train.train` on the split records, `stages.evaluate.evaluate` on the
-   test records, same hyperparameters; same callback.
+   test records, same hyperparameters; same callback. Again with op determinism off, and with
+   numerics native instead of portable (what portable numerics cost: bench/numerics.py alone).
 3. notebook script: wall time of the whole process of 1 (imports, data, fit, evaluate, print).
    Figures 1 and 3 come from the same processes: the callback costs nothing measurable.
 4. cold `dvc repro`: all four stages, outputs and every DVC cache removed first.
@@ -206,6 +207,9 @@ def measure(repeats: int, runner: Runner, keep_copy: bool) -> tuple[dict[str, li
             _, result = runner.worker("pipeline-train-nondeterministic", copy, f"pipeline-train-nondet-{rep}")
             record_training(samples, "nondeterministic", result)
             progress(f"pipeline train, op determinism off {rep}/{repeats}: epochs {_rounded(result)}")
+            _, result = runner.worker("pipeline-train-native", copy, f"pipeline-train-native-{rep}")
+            record_training(samples, "native", result)
+            progress(f"pipeline train, numerics native {rep}/{repeats}: epochs {_rounded(result)}")
 
         for rep in range(1, repeats + 1):
             script, _ = runner.worker("notebook", REPO_ROOT, f"notebook-10-epochs-{rep}", epochs=10)

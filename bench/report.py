@@ -25,6 +25,8 @@ FIGURES = {
     "pipeline_test_accuracy": ("pipeline train: test accuracy", "%"),
     "nondeterministic_epoch_s": ("pipeline train, op determinism off: epoch time, 2-5", "s"),
     "nondeterministic_first_epoch_s": ("pipeline train, op determinism off: first epoch", "s"),
+    "native_epoch_s": ("pipeline train, numerics native: epoch time, 2-5", "s"),
+    "native_first_epoch_s": ("pipeline train, numerics native: first epoch", "s"),
     "notebook_script_s": ("notebook script, whole, 5 epochs", "s"),
     "notebook_import_s": ("  of which: import tensorflow + tensorflow_datasets", "s"),
     "notebook_load_s": ("  of which: load data, build tf.data pipeline", "s"),
@@ -67,6 +69,7 @@ def checks(samples: dict[str, list[float]]) -> list[Check]:
     ratios = [
         ("steady-state epoch time, pipeline / notebook loop", "pipeline_epoch_s", "notebook_epoch_s", 0.10),
         ("first epoch, pipeline / notebook", "pipeline_first_epoch_s", "notebook_first_epoch_s", 0.5),
+        ("epoch time, numerics portable / native", "pipeline_epoch_s", "native_epoch_s", 1.10),
         ("cold dvc repro / notebook script", "dvc_repro_cold_s", "notebook_script_s", 1.2),
         (
             "epoch time, logging to the MLflow server / to SQLite",

@@ -128,10 +128,17 @@ def notebook_worker(num_epochs: int) -> dict[str, Any]:
     }
 
 
-def pipeline_worker(deterministic: bool = True, tracked: bool = False) -> dict[str, Any]:
+# The CNN winner's layers (docs/search.md): where the choice of kernels costs most.
+CNN = {"conv_blocks": 2, "hidden_layers": 1, "hidden_layer_size": 128}
+
+
+def pipeline_worker(
+    deterministic: bool = True, tracked: bool = False, numerics: str = "portable", network: dict | None = None
+) -> dict[str, Any]:
     """The train stage's own training and evaluation code, on the records in the current directory.
 
     `deterministic=False` measures what op determinism costs: `train` is told not to enable it.
+    `numerics` and `network` (params replacing the notebook's) measure what portable numerics cost.
     `tracked=True` logs every epoch into an MLflow run as the train stage does, in the store that
     MLFLOW_TRACKING_URI names (else the copy's mlflow.db), to measure what the store costs.
     """
@@ -142,8 +149,9 @@ def pipeline_worker(deterministic: bool = True, tracked: bool = False) -> dict[s
     from stages.lib.input_pipeline import load_examples
     from stages.train import train
 
-    import_tensorflow()  # as the train stage does: without TensorFlow's import banner in the log
-    params = dataclasses.replace(load_params(), **NOTEBOOK_HYPERPARAMETERS)
+    import_tensorflow(numerics)  # as the train stage does
+    params = dataclasses.replace(load_params(), **NOTEBOOK_HYPERPARAMETERS, numerics=numerics)
+    params = dataclasses.replace(params, **(network or {}))
     train_examples = load_examples(paths.SPLIT_TRAIN)
     validation_examples = load_examples(paths.SPLIT_VALIDATION)
     timer = make_epoch_timer()
@@ -178,12 +186,15 @@ def dvc_imports_worker() -> dict[str, Any]:
     return {"returncode": returncode, "tensorflow_imported": "tensorflow" in sys.modules}
 
 
-# name -> worker, called with the number of epochs (which only the notebook worker uses).
+# name -> worker, called with the number of epochs (which only the notebook and CNN workers use).
 WORKERS: dict[str, Callable[[int], dict[str, Any]]] = {
     "notebook": notebook_worker,
     "pipeline-train": lambda epochs: pipeline_worker(),
     "pipeline-train-nondeterministic": lambda epochs: pipeline_worker(deterministic=False),
     "pipeline-train-tracked": lambda epochs: pipeline_worker(tracked=True),
+    "pipeline-train-native": lambda epochs: pipeline_worker(numerics="native"),
+    "cnn-train-portable": lambda epochs: pipeline_worker(network={**CNN, "epochs": epochs}),
+    "cnn-train-native": lambda epochs: pipeline_worker(numerics="native", network={**CNN, "epochs": epochs}),
     "dvc-imports": lambda epochs: dvc_imports_worker(),
 }
 

@@ -187,7 +187,7 @@ def main() -> None:
     experiment_id = tracking.open_experiment(params.mlflow_experiment)
     for run_id in tracking.close_orphaned_runs(experiment_id):
         log("evaluate", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
-    import_tensorflow()
+    import_tensorflow(params.numerics)
     with evaluation_run(experiment_id, model_md5, params) as run:
         with signals_held():
             model = load_model(paths.MODEL)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.common import paths
 from stages.common.cli import Timer, import_tensorflow, log, run_stage, signals_held, stop_requested
-from stages.common.dataset import IMAGE_SHAPE, NUM_CLASSES, Examples
+from stages.common.dataset import NUM_CLASSES, Examples
 from stages.common.outputs import atomic_output, write_json
 from stages.common.params import Params, load_params
 from stages.lib import tracking
@@ -27,7 +27,7 @@ HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 
 # Up to 1000 optimizer steps per compiled call instead of one (a whole epoch at the notebook's
 # batch size): Keras' per-step Python overhead dominates a model this small. Same batches, same
-# order, same weights (see README: speed).
+# order, same weights (see docs/speed.md).
 TRAINING_STEPS_PER_EXECUTION = 1000
 
 # What the saved model file records instead of the save time, so that same weights => same bytes.
@@ -180,7 +180,7 @@ def log_epoch(epoch: int, logs: dict[str, float]) -> mlflow.utils.async_logging.
 
 def log_model(saved: Path) -> None:
     """Log the saved model file as an MLflow model (stages/lib/served_model.py) with its signature:
-    uint8 images (n, 28, 28, 1) in, 10 probabilities out."""
+    10 probabilities out. No input schema: the model checks its input itself (see served_model.py)."""
     import keras
     import mlflow
     import numpy as np
@@ -189,10 +189,7 @@ def log_model(saved: Path) -> None:
 
     # Written out, not inferred, and no input example: MLflow would run the model to infer the
     # one and load it back from the logged copy to validate the other (together about a second).
-    signature = mlflow.models.ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *IMAGE_SHAPE))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
-    )
+    signature = mlflow.models.ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]))
     mlflow.pyfunc.log_model(
         name="model",
         python_model=Path(__file__).parent / "lib" / "served_model.py",
@@ -213,7 +210,7 @@ def main() -> None:
     experiment_id = tracking.open_experiment(params.mlflow_experiment)
     for run_id in tracking.close_orphaned_runs(experiment_id):
         log("train", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
-    import_tensorflow()
+    import_tensorflow(params.numerics)
     import keras
     import mlflow
 

@@ -52,6 +52,7 @@ def test_the_repository_search_space_is_valid():
         ({"parameters": {"dropout": {"min": 0.1}}}, "parameters.dropout must be {values"),
         ({"parameters": {}}, "parameters is empty"),
         ({"parameters": {"validation_fraction": {"min": 0.1, "max": 0.2}}}, "not a hyperparameter"),
+        ({"parameters": {"numerics": {"values": ["portable", "native"]}}}, "numerics cannot be searched: fix it"),
         ({"fixed": {"epochs": 0}}, "epochs must be an integer >= 1, got 0 (fixed.epochs)"),
         ({"fixed": {"dropout": 0.1}}, "dropout is both searched (parameters) and fixed"),
         ({"metric": "test_accuracy"}, "metric must be val_accuracy"),

@@ -63,8 +63,21 @@ def stop_requested() -> bool:
     return _held_signal is not None
 
 
-def import_tensorflow() -> ModuleType:
-    """Import TensorFlow with the C++ banner it prints on import silenced (it ignores the setting above)."""
+# What `numerics: portable` sets before TensorFlow loads (docs/determinism.md). TensorFlow picks
+# kernels by CPU at run time: oneDNN's ops where the CPU has AVX-512 VNNI/BF16 or AMX, and a
+# oneDNN matrix-multiply kernel inside its own ops, each dispatched on the instruction set. Off,
+# Eigen's kernels compiled into the wheel do all the arithmetic, on one thread (more threads
+# split the sums differently, so the bits would depend on the number of cores).
+PORTABLE_KERNELS = {"TF_ENABLE_ONEDNN_OPTS": "0", "TENSORFLOW_USE_CUSTOM_CONTRACTION_KERNEL": "0"}
+PORTABLE_THREADS = 1
+
+
+def import_tensorflow(numerics: str = "portable") -> ModuleType:
+    """Import TensorFlow, its C++ banner silenced (it ignores the setting above), with the CPU
+    kernels that `numerics` names: "portable", the same bits on any CPU; "native", TensorFlow's
+    defaults. Call it before anything else imports TensorFlow."""
+    if numerics == "portable":
+        os.environ.update(PORTABLE_KERNELS)
     saved_stderr = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
@@ -74,6 +87,8 @@ def import_tensorflow() -> ModuleType:
         os.dup2(saved_stderr, 2)
         os.close(saved_stderr)
         os.close(devnull)
+    if numerics == "portable":
+        tensorflow.config.threading.set_intra_op_parallelism_threads(PORTABLE_THREADS)
     return tensorflow
 
 

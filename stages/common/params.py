@@ -20,6 +20,7 @@ from stages.common.errors import StageError, first_line
 PARAMS_FILE = Path("params.yaml")
 SOURCES = ("idx", "tfds")
 LR_SCHEDULES = ("constant", "cosine")
+NUMERICS = ("portable", "native")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Params:
     augment_shift: int
     augment_rotation: float
     early_stopping_patience: int
+    numerics: str
     mlflow_experiment: str
     registered_model: str
 
@@ -83,6 +85,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "augment_shift": (lambda v: _is_int(v) and 0 <= v <= 8, "an integer number of pixels in [0, 8]"),
     "augment_rotation": (lambda v: _is_number(v) and 0 <= v <= 45, "a number of degrees in [0, 45]"),
     "early_stopping_patience": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no early stopping)"),
+    "numerics": (lambda v: v in NUMERICS, f"one of {', '.join(NUMERICS)}"),
     "mlflow_experiment": (_is_name, "a non-empty string"),
     "registered_model": (_is_name, "a non-empty string"),
 }

@@ -17,6 +17,8 @@ MNIST_SIZE = 28  # side of the output image
 DIGIT_BOX = 20  # side of the box the digit is fitted into
 INK_FRACTION = 0.25  # a pixel brighter than this fraction of the digit's maximum counts for the bounding box
 MIN_CONTRAST = 32.0  # gray levels (of 255) between background and digit below which an image is blank
+PAPER_SIDE = 96  # the paper's brightness is measured on the image shrunk to at most this many pixels a side
+PAPER_WINDOW = 0.25  # over a square window this fraction of the shorter side wide: wider than the strokes
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
@@ -26,6 +28,8 @@ def load_image(path: str | Path) -> np.ndarray:
         with Image.open(path) as image:
             gray = grayscale(ImageOps.exif_transpose(image))
     except UnidentifiedImageError:
+        if Path(path).stat().st_size == 0:
+            raise StageError(f"{path}: the file is empty (0 bytes)") from None
         raise StageError(f"{path}: not an image (or not a format Pillow can read)") from None
     except IMAGE_ERRORS as exc:  # missing, a folder, truncated, corrupt, too large
         raise StageError(f"{path}: cannot read the image: {getattr(exc, 'strerror', None) or first_line(exc)}") from exc
@@ -52,18 +56,50 @@ def grayscale(image: Image.Image) -> np.ndarray:
 def digit_on_black(gray: np.ndarray) -> np.ndarray:
     """The digit bright on a zero background, inverted if the ink is darker than the paper.
 
-    The paper is the median of the border pixels (right even for tightly cropped digits); the ink is
-    whichever extreme, darkest or brightest, lies further from it. ValueError if the image is blank.
+    Which is ink: whichever extreme, darkest or brightest, lies further from the median of the border
+    pixels (right even for tightly cropped digits). The paper's brightness is then measured around each
+    pixel (`paper`), so that light fading across the page does not turn its dim side into ink.
+    ValueError if the image is blank.
     """
     gray = np.asarray(gray, dtype=np.float64)
     if gray.ndim != 2 or gray.size == 0:
         raise ValueError(f"expected a non-empty 2-D grayscale array, got shape {gray.shape}")
-    background = np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]))
-    dark_ink = background - gray.min() > gray.max() - background
+    border = np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]))
+    dark_ink = border - gray.min() > gray.max() - border
+    background = paper(gray, dark_ink)
     digit = np.clip(background - gray if dark_ink else gray - background, 0.0, None)
     if digit.max() < MIN_CONTRAST:
         raise ValueError(f"blank image: no digit found (contrast {digit.max():.0f} of 255, need {MIN_CONTRAST:.0f})")
     return digit
+
+
+def paper(gray: np.ndarray, dark_ink: bool) -> np.ndarray:
+    """The paper's brightness at each pixel, the ink taken away: the brightest (dark ink) or darkest level
+    of the surroundings, then the opposite extreme of that (a grayscale closing or opening) over a window
+    wider than any stroke. Measured on a copy at most PAPER_SIDE pixels a side, enlarged back. Exact for
+    light that changes linearly across the page (the edges are extended linearly, not repeated)."""
+    height, width = gray.shape
+    scale = min(1.0, PAPER_SIDE / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = np.asarray(Image.fromarray(gray.astype(np.float32)).resize(size, Image.Resampling.BOX), np.float64)
+    window = max(3, round(PAPER_WINDOW * min(small.shape)))
+    first, then = (np.max, np.min) if dark_ink else (np.min, np.max)
+    for extreme in (first, then):
+        for axis in (0, 1):
+            small = sliding(small, window, axis, extreme)
+    return np.asarray(Image.fromarray(small.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def sliding(values: np.ndarray, window: int, axis: int, extreme) -> np.ndarray:
+    """`extreme` (np.max or np.min) over a window of `window` values centred on each, along `axis`."""
+    before = window // 2
+    padded = np.pad(
+        values,
+        [(before, window - 1 - before) if a == axis else (0, 0) for a in range(2)],
+        "reflect",
+        reflect_type="odd",
+    )
+    return extreme(np.lib.stride_tricks.sliding_window_view(padded, window, axis=axis), axis=-1)
 
 
 def crop_to_digit(digit: np.ndarray) -> np.ndarray:

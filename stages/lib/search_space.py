@@ -19,6 +19,7 @@ METRIC = "val_accuracy"  # maximised; test accuracy is never an objective
 # Not hyperparameters: searching them would change the data or the validation set the metric is
 # measured on, or where the runs are recorded.
 NOT_SEARCHABLE = ("source", "tfds_data_dir", "validation_fraction", "mlflow_experiment", "registered_model")
+FIXED_ONLY = ("numerics",)  # how the arithmetic is done, not what is learnt: fix it for the whole study
 _TOP_KEYS = ("metric", "seed", "budget", "pruner", "parameters", "fixed")
 
 
@@ -114,6 +115,9 @@ def parse_space(raw: Any, base: Params, origin: str = str(SEARCH_FILE)) -> Space
     for key in (*parameters, *fixed):
         if key in NOT_SEARCHABLE:
             raise _fail(origin, f"{key} cannot be searched or fixed here: it is not a hyperparameter")
+    for key in parameters:
+        if key in FIXED_ONLY:
+            raise _fail(origin, f"{key} cannot be searched: fix it (fixed.{key}) for the whole study")
     for key, value in fixed.items():
         _check_value(base, key, value, origin, f" (fixed.{key})")
     base = parse_params({**base.as_dict(), **fixed}, origin)
