@@ -82,6 +82,8 @@ def train(
     steps = params.epochs * math.ceil(len(train_examples.labels) / params.batch_size)
     optimizer = keras.optimizers.Adam(learning_rate=learning_rate(params, steps))
     compile_model(model, optimizer, TRAINING_STEPS_PER_EXECUTION)
+    if params.early_stopping_patience > 0:
+        callbacks = [*callbacks, early_stopping(params.early_stopping_patience)]
     stop_on_signal = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", model.stop_training or stop_requested())
     )
@@ -101,6 +103,24 @@ def train(
         for epoch in range(len(history["loss"]))  # fewer than params.epochs if a signal stopped it
     ]
     return model, rows
+
+
+def early_stopping(patience: int) -> keras.callbacks.EarlyStopping:
+    """Stop when val_accuracy has not risen for `patience` epochs; keep the best epoch's weights (the
+    first of equal ones), also when training runs to the end or a signal stops it."""
+    import keras
+
+    return keras.callbacks.EarlyStopping(
+        monitor="val_accuracy", mode="max", patience=patience, restore_best_weights=True
+    )
+
+
+def kept_epoch(params: Params, history: list[dict[str, float]]) -> dict[str, float]:
+    """The history row of the epoch whose weights the model keeps: the last one, or with early stopping
+    the first with the highest val_accuracy (as Keras' EarlyStopping picks it)."""
+    if params.early_stopping_patience == 0:
+        return history[-1]
+    return max(history, key=lambda row: (row["val_accuracy"], -row["epoch"]))
 
 
 def save_model(model: keras.Model, path: Path) -> None:
@@ -226,8 +246,11 @@ def main() -> None:
         model_md5 = tracking.md5(paths.MODEL)
         mlflow.set_tag(tracking.MODEL_TAG, model_md5)
         write_history(paths.TRAIN_HISTORY, history)
-        final = {name: history[-1][name] for name in HISTORY_COLUMNS[1:]}
-        write_json(paths.TRAIN_METRICS, {"epochs": params.epochs, **final})
+        kept = kept_epoch(params, history)
+        final = {name: kept[name] for name in HISTORY_COLUMNS[1:]}
+        # With early stopping, also which epoch's weights (and metrics) the model has; without, unchanged.
+        stopped = {"kept_epoch": kept["epoch"]} if params.early_stopping_patience else {}
+        write_json(paths.TRAIN_METRICS, {"epochs": params.epochs, **stopped, **final})
     log(
         "train",
         f"{params.epochs} epoch{'s' if params.epochs > 1 else ''}: "

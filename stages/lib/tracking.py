@@ -50,6 +50,7 @@ LOCAL_UI = "http://127.0.0.1:5000"
 
 MODEL_TAG = "model.md5"  # on the run that trained the model
 EVALUATED_MODEL_TAG = "evaluated_model.md5"  # on a run that only evaluated it (no training run in the store)
+PARENT_RUN_ENV = "MNIST_PARENT_RUN_ID"
 
 
 def repo_root() -> Path:
@@ -94,10 +95,13 @@ def run_name() -> str:
 
 
 def source_tags() -> dict[str, str]:
-    """Where a run came from: the git commit, and the DVC experiment when there is one."""
+    """Where a run came from: the git commit, the DVC experiment when there is one, and the parent run
+    (a study's, which `python -m stages.tune` passes in PARENT_RUN_ENV) so that the UI groups them."""
     tags = {"git.commit": git_commit() or "unknown"}
     if dvc_experiment():
         tags["dvc.experiment"] = dvc_experiment()
+    if os.environ.get(PARENT_RUN_ENV):
+        tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
     return tags
 
 

@@ -1,0 +1,182 @@
+"""The search `python -m stages.tune` runs, read from `search.yaml` and validated before anything runs.
+
+Every fixed value, every range bound and every choice goes through params.yaml's own validation
+(stages/common/params.py), on top of the current params.yaml; so does every point suggested later.
+Ranges are intervals and so are the rules, so valid bounds mean every point between them is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from stages.common.errors import StageError
+from stages.common.params import Params, parse_params, read_yaml
+
+SEARCH_FILE = Path("search.yaml")
+METRIC = "val_accuracy"  # maximised; test accuracy is never an objective
+# Not hyperparameters: searching them would change the data or the validation set the metric is
+# measured on, or where the runs are recorded.
+NOT_SEARCHABLE = ("source", "tfds_data_dir", "validation_fraction", "mlflow_experiment", "registered_model")
+FIXED_ONLY = ("numerics",)  # how the arithmetic is done, not what is learnt: fix it for the whole study
+_TOP_KEYS = ("metric", "seed", "budget", "pruner", "parameters", "fixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    low: int | float
+    high: int | float
+    log: bool = False
+    integer: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """A validated search: what to suggest, what to fix, how long, when to prune."""
+
+    ranges: dict[str, Range]
+    choices: dict[str, list[Any]]
+    fixed: dict[str, Any]
+    seed: int  # the TPE sampler's
+    trials: int | None  # complete and pruned trials of the study, over every worker and every resume
+    minutes: float | None  # wall time of one `python -m stages.tune`
+    warmup_epochs: int  # the pruner never stops a trial before this many epochs
+    startup_trials: int  # ... nor before this many trials have finished
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fail(origin: str, message: str) -> StageError:
+    return StageError(f"{origin}: {message}")
+
+
+def _mapping(value: Any, what: str, origin: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(origin, f"{what} must be a mapping, got {value!r}")
+    return value
+
+
+def _check_value(base: Params, key: str, value: Any, origin: str, what: str) -> None:
+    """params.yaml's validation of `value` for `key`, its message prefixed with where it came from."""
+    try:
+        parse_params({**base.as_dict(), key: value}, origin)
+    except StageError as exc:
+        raise StageError(f"{exc}{what}") from None
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_space(raw: Any, base: Params, origin: str = str(SEARCH_FILE)) -> Space:
+    """Validate a mapping read from search.yaml against the params in `base`; StageError names what is wrong."""
+    raw = _mapping(raw, "the file", origin)
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise _fail(origin, f"unknown key '{key}'; allowed keys: {', '.join(_TOP_KEYS)}")
+    metric = raw.get("metric", METRIC)
+    if metric != METRIC:
+        raise _fail(origin, f"metric must be {METRIC} (maximised; never a test metric), got {metric!r}")
+    seed = raw.get("seed", 0)
+    if not _integer(seed) or not 0 <= seed < 2**32:
+        raise _fail(origin, f"seed must be an integer in [0, 4294967295], got {seed!r}")
+
+    budget = _mapping(raw.get("budget"), "budget", origin)
+    for key in budget:
+        if key not in ("trials", "minutes"):
+            raise _fail(origin, f"unknown key 'budget.{key}'; allowed keys: trials, minutes")
+    trials, minutes = budget.get("trials"), budget.get("minutes")
+    if trials is not None and not (_integer(trials) and trials >= 1):
+        raise _fail(origin, f"budget.trials must be an integer >= 1, got {trials!r}")
+    if minutes is not None and not (isinstance(minutes, int | float) and not isinstance(minutes, bool) and minutes > 0):
+        raise _fail(origin, f"budget.minutes must be a number > 0, got {minutes!r}")
+    if trials is None and minutes is None:
+        raise _fail(origin, "budget needs trials, minutes or both")
+
+    pruner = _mapping(raw.get("pruner"), "pruner", origin)
+    for key in pruner:
+        if key not in ("warmup_epochs", "startup_trials"):
+            raise _fail(origin, f"unknown key 'pruner.{key}'; allowed keys: warmup_epochs, startup_trials")
+    warmup, startup = pruner.get("warmup_epochs", 1), pruner.get("startup_trials", 4)
+    for key, value in (("warmup_epochs", warmup), ("startup_trials", startup)):
+        if not (_integer(value) and value >= 0):
+            raise _fail(origin, f"pruner.{key} must be an integer >= 0, got {value!r}")
+
+    parameters = _mapping(raw.get("parameters"), "parameters", origin)
+    fixed = _mapping(raw.get("fixed"), "fixed", origin)
+    if not parameters:
+        raise _fail(origin, "parameters is empty: name at least one param to search")
+    for key in parameters.keys() & fixed.keys():
+        raise _fail(origin, f"{key} is both searched (parameters) and fixed")
+    for key in (*parameters, *fixed):
+        if key in NOT_SEARCHABLE:
+            raise _fail(origin, f"{key} cannot be searched or fixed here: it is not a hyperparameter")
+    for key in parameters:
+        if key in FIXED_ONLY:
+            raise _fail(origin, f"{key} cannot be searched: fix it (fixed.{key}) for the whole study")
+    for key, value in fixed.items():
+        _check_value(base, key, value, origin, f" (fixed.{key})")
+    base = parse_params({**base.as_dict(), **fixed}, origin)
+
+    ranges, choices = {}, {}
+    for key, spec in parameters.items():
+        spec = _mapping(spec, f"parameters.{key}", origin)
+        where = f" (parameters.{key}"
+        if set(spec) == {"values"}:
+            values = spec["values"]
+            if not isinstance(values, list) or not values:
+                raise _fail(origin, f"parameters.{key}.values must be a non-empty list, got {values!r}")
+            if len(set(map(repr, values))) != len(values):
+                raise _fail(origin, f"parameters.{key}.values lists a value twice: {values!r}")
+            for value in values:
+                _check_value(base, key, value, origin, f"{where}.values)")
+            choices[key] = values
+        elif set(spec) in ({"min", "max"}, {"min", "max", "log"}):
+            low, high, log = spec["min"], spec["max"], spec.get("log", False)
+            _check_value(base, key, low, origin, f"{where}.min)")
+            _check_value(base, key, high, origin, f"{where}.max)")
+            if not low < high:
+                raise _fail(origin, f"parameters.{key}: empty range, min {low!r} must be below max {high!r}")
+            if not isinstance(log, bool):
+                raise _fail(origin, f"parameters.{key}.log must be true or false, got {log!r}")
+            if log and low <= 0:
+                raise _fail(origin, f"parameters.{key}: a log range needs min > 0, got {low!r}")
+            integer = _integer(getattr(base, key))  # params.yaml's rule has refused a float bound already
+            ranges[key] = Range(low, high, log, integer)
+        else:
+            raise _fail(
+                origin,
+                f"parameters.{key} must be {{values: [...]}} or {{min: ..., max: ...[, log: true]}}, got {spec!r}",
+            )
+    return Space(ranges, choices, fixed, seed, trials, None if minutes is None else float(minutes), warmup, startup)
+
+
+def load_space(path: Path, base: Params) -> Space:
+    """Read and validate search.yaml (same YAML reading as params.yaml: 1e-4 is a number)."""
+    return parse_space(read_yaml(path, "the search space"), base, str(path))
+
+
+def suggest(trial: Any, space: Space, base: Params) -> dict[str, Any]:
+    """A point of the space from an Optuna trial, fixed values included, validated as params.yaml is."""
+    point: dict[str, Any] = dict(space.fixed)
+    for key, r in space.ranges.items():
+        if r.integer:
+            point[key] = trial.suggest_int(key, r.low, r.high, log=r.log)
+        else:
+            point[key] = trial.suggest_float(key, r.low, r.high, log=r.log)
+    for key, values in space.choices.items():
+        point[key] = trial.suggest_categorical(key, values)
+    parse_params({**base.as_dict(), **point}, f"trial {trial.number}")
+    return point
+
+
+def set_arguments(point: dict[str, Any]) -> list[str]:
+    """`dvc exp run -S key=value` arguments for a point; floats as Python writes them (params.yaml reads 1e-05)."""
+    arguments = []
+    for key, value in point.items():
+        arguments += ["-S", f"{key}={repr(value) if isinstance(value, float) else value}"]
+    return arguments
