@@ -18,7 +18,7 @@ from stages.lib.experiments import list_experiments
 from stages.lib.input_pipeline import load_examples
 from stages.lib.tracking import MODEL_TAG, md5
 from team import stack as team_stack
-from tests.conftest import EPOCH_METRICS, runs_that_trained
+from tests.conftest import EPOCH_METRICS, mlflow_as_a_stage, runs_that_trained
 from tests.e2e import changed_stages, copy_repository, experiments_shown, run, stages_run, started, user_env
 
 pytestmark = pytest.mark.slow
@@ -102,7 +102,8 @@ def logged_model_md5(client, run_, folder: Path) -> str:
         [run_.info.experiment_id], filter_string=f"source_run_id = '{run_.info.run_id}'"
     )
     uri, destination = f"models:/{logged.model_id}", str(folder / run_.info.run_id)
-    downloaded = Path(mlflow.artifacts.download_artifacts(uri, dst_path=destination, tracking_uri=client.tracking_uri))
+    with mlflow_as_a_stage(folder, client.tracking_uri):  # models:/ resolves through the process-wide URI
+        downloaded = Path(mlflow.artifacts.download_artifacts(uri, dst_path=destination))
     [keras_file] = downloaded.rglob("*.keras")
     return md5(keras_file)
 
