@@ -68,10 +68,14 @@ def assert_run_holds_what_the_stages_wrote(mlflow_client, run_, repo) -> None:
     assert run_.data.tags["data.train.md5"] == md5(repo / paths.SPLIT_TRAIN)
 
 
-def as_committed(repo, path: str) -> str:
-    """`path` as the repository committed it: the copy's first commit (the baseline fixture may add more)."""
+def first_commit(repo) -> str:
+    """The repository as committed: the copy's first commit (the baseline fixture adds one on top)."""
     [first] = run(["git", "rev-list", "--max-parents=0", "HEAD"], repo).stdout.split()
-    return run(["git", "show", f"{first}:{path}"], repo).stdout
+    return first
+
+
+def as_committed(repo, path: str) -> str:
+    return run(["git", "show", f"{first_commit(repo)}:{path}"], repo).stdout
 
 
 # How far a CPU that computes other bits than the baseline's may land from the committed metrics:
@@ -114,7 +118,7 @@ def test_a_new_users_repro_reproduces_the_committed_baseline(baseline):
 
 
 def test_make_restore_brings_back_the_committed_baseline_after_an_experiment(repo):
-    [first] = run(["git", "rev-list", "--max-parents=0", "HEAD"], repo).stdout.split()
+    first = first_commit(repo)
     run(["git", "reset", "-q", "--soft", first], repo)  # HEAD as a new user's clone has it
     run(["dvc", "exp", "run", "-S", "epochs=2", "-n", "two-epochs"], repo)
     # The committed baseline's curves beside the experiment's, whatever this CPU computes.
