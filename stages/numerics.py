@@ -10,6 +10,7 @@ docs/determinism.md, and `make restore` brings the committed outputs back.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -89,15 +90,15 @@ def main(record: bool, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"this_machine": machine, "baseline": baseline, "same": same}))
         return
-    print(f"this machine:      {describe(machine)}")
-    print(f"baseline's machine: {describe(baseline)}")
+    print(f"{'this machine:':<20}{describe(machine)}")
+    print(f"{'baseline machine:':<20}{describe(baseline)}")
     if same:
         print("the same bits: `make repro` reproduces the committed model file byte for byte")
     else:
         print("different bits: `make repro` gives metrics close to the committed ones (docs/determinism.md)")
 
 
-def arguments(parser) -> None:
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--record", action="store_true", help=f"write this machine's record to {BASELINE_MACHINE}")
     parser.add_argument("--json", dest="as_json", action="store_true", help="print both records as JSON")
 
