@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.common import paths
-from stages.common.cli import Timer, import_tensorflow, log, run_stage, signals_held
+from stages.common.cli import Timer, import_tensorflow, log, phase, run_stage, signals_held
 from stages.common.dataset import NUM_CLASSES, Examples
 from stages.common.errors import StageError, first_line
 from stages.common.outputs import atomic_output, write_json
@@ -187,20 +187,29 @@ def main() -> None:
     experiment_id = tracking.open_experiment(params.mlflow_experiment)
     for run_id in tracking.close_orphaned_runs(experiment_id):
         log("evaluate", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
+    phase("MLflow: import, open the store")
     import_tensorflow(params.numerics)
+    phase("TensorFlow: import")
     with evaluation_run(experiment_id, model_md5, params) as run:
+        phase("MLflow: reopen the run")
         with signals_held():
             model = load_model(paths.MODEL)
+            phase("load the model")
             test = load_examples(paths.PREPARED_TEST, recorded_count(paths.PREPARED_SUMMARY, "test", "count"))
+            phase("data: read the records")
             results = evaluate(model, test)
+            phase("predict the test set")
         matrix = confusion_matrix(test.labels, results["predictions"])
         per_class = per_class_metrics(matrix)
         print(format_report(results, per_class, matrix), flush=True)
         metrics = {"test_loss": results["test_loss"], "test_accuracy": results["test_accuracy"]}
         log_evaluation(metrics, per_class, matrix)
+        phase("MLflow: log metrics, table, figure")
         write_json(paths.PER_CLASS_METRICS, per_class)
         write_confusion_csv(paths.CONFUSION, test.labels, results["predictions"])
         write_json(paths.EVALUATE_METRICS, metrics)
+        phase("write the metrics")
+    phase("MLflow: end the run")
     log(
         "evaluate",
         f"test_accuracy {results['test_accuracy']:.4f} on {len(test.labels)} images; "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.common import paths
-from stages.common.cli import Timer, import_tensorflow, log, run_stage, signals_held, stop_requested
+from stages.common.cli import Timer, import_tensorflow, log, phase, run_stage, signals_held, stop_requested
 from stages.common.dataset import NUM_CLASSES, Examples
 from stages.common.outputs import atomic_output, write_json
 from stages.common.params import Params, load_params
@@ -213,13 +213,17 @@ def main() -> None:
     experiment_id = tracking.open_experiment(params.mlflow_experiment)
     for run_id in tracking.close_orphaned_runs(experiment_id):
         log("train", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
+    phase("MLflow: import, open the store")
     import_tensorflow(params.numerics)
     import keras
     import mlflow
 
+    phase("TensorFlow: import")
+
     with signals_held():
         train_examples = load_examples(paths.SPLIT_TRAIN, recorded_count(paths.SPLIT_SUMMARY, "train"))
         validation_examples = load_examples(paths.SPLIT_VALIDATION, recorded_count(paths.SPLIT_SUMMARY, "validation"))
+    phase("data: read the records")
     log(
         "train",
         f"{len(train_examples.labels)} train / {len(validation_examples.labels)} validation records loaded in {timer}",
@@ -233,16 +237,24 @@ def main() -> None:
                 "data.validation.md5": tracking.md5(paths.SPLIT_VALIDATION),
             }
         )
+        phase("MLflow: start the run, params and tags")
         epoch_logging = []
-        log_epochs = keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs: epoch_logging.append(log_epoch(epoch, logs))
-        )
+
+        def epoch_ended(epoch: int, logs: dict[str, float]) -> None:
+            epoch_logging.append(log_epoch(epoch, logs))
+            phase(f"epoch {epoch + 1}")
+
         with signals_held():  # a signal stops training at the end of the epoch, then is raised
-            model, history = train(params, train_examples, validation_examples, [log_epochs])
+            model, history = train(
+                params, train_examples, validation_examples, [keras.callbacks.LambdaCallback(on_epoch_end=epoch_ended)]
+            )
         tracking.wait_until_stored(epoch_logging)
+        phase("MLflow: wait for the epochs' metrics")
         with signals_held():
             save_model(model, paths.MODEL)
+            phase("save the model")
             log_model(paths.MODEL)
+            phase("MLflow: log the model")
         model_md5 = tracking.md5(paths.MODEL)
         mlflow.set_tag(tracking.MODEL_TAG, model_md5)
         write_history(paths.TRAIN_HISTORY, history)
@@ -251,6 +263,8 @@ def main() -> None:
         # With early stopping, also which epoch's weights (and metrics) the model has; without, unchanged.
         stopped = {"kept_epoch": kept["epoch"]} if params.early_stopping_patience else {}
         write_json(paths.TRAIN_METRICS, {"epochs": params.epochs, **stopped, **final})
+        phase("write the metrics")
+    phase("MLflow: end the run")
     log(
         "train",
         f"{params.epochs} epoch{'s' if params.epochs > 1 else ''}: "

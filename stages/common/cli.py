@@ -95,6 +95,26 @@ def import_tensorflow(numerics: str = "portable") -> ModuleType:
     return tensorflow
 
 
+# Where a stage's time goes, for bench/phases.py: with MNIST_PHASE_LOG set, each stage appends one line
+# "<unix time>\t<stage>\t<phase>" per phase it ends (its process start, "imports", ..., "exit").
+PHASE_LOG = "MNIST_PHASE_LOG"
+_stage_name = ""
+
+
+def phase(name: str) -> None:
+    """Mark the end of phase `name` of the running stage (nothing unless MNIST_PHASE_LOG is set)."""
+    if os.environ.get(PHASE_LOG):
+        with open(os.environ[PHASE_LOG], "a") as marks:
+            marks.write(f"{time.time():.3f}\t{_stage_name}\t{name}\n")
+
+
+def _process_start_time() -> float:
+    """When this process started (Linux; within 10 ms), so that the interpreter's start-up counts."""
+    with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+        started_after_boot = int(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        return time.time() - (float(uptime.read().split()[0]) - started_after_boot)
+
+
 def log(stage: str, message: str) -> None:
     print(f"{stage}: {message}", flush=True)
 
@@ -128,6 +148,12 @@ def run_stage(
     )
     if arguments is not None:
         arguments(parser)
+    global _stage_name
+    _stage_name = name
+    if os.environ.get(PHASE_LOG):
+        with open(os.environ[PHASE_LOG], "a") as marks:
+            marks.write(f"{_process_start_time():.3f}\t{name}\tstart\n")
+        phase("python and the stage's modules")
     parsed = vars(parser.parse_args(argv))
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -135,6 +161,7 @@ def run_stage(
         main(**parsed)
         sys.stdout.flush()
         sys.stderr.flush()
+        phase("end")
         os._exit(0)
     except StageError as exc:
         _fail(name, f"error: {exc}", 1)

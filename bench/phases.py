@@ -1,0 +1,107 @@
+"""Where a one-epoch experiment's time goes: `dvc exp run -S epochs=1`, phase by phase.
+
+    python bench/phases.py [--repeats N] [--repo COPY ...]
+
+Each repetition restores the copy's committed params, deletes DVC's run cache (or DVC would restore
+the experiment instead of running it) and times `dvc exp run -S epochs=1` with MNIST_PHASE_LOG set:
+every stage then marks its process start and the end of each of its phases (stages/common/cli.py,
+`phase`). What lies between one stage's end and the next one's start is DVC's (and the ending
+process's exit). Prints the median, min and max of every phase.
+
+Without --repo, a throwaway copy of this repository is made and reproduced first. With several
+--repo (copies at different commits, each reproduced), their runs alternate, so that load from
+elsewhere hits all alike: an A/B of a change, phase by phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # `python bench/phases.py` puts bench/, not the root, on sys.path
+
+from tests.e2e import clone_repository, run, user_env  # noqa: E402  (needs the root on sys.path)
+
+Breakdown = list[tuple[str, float]]
+
+
+def breakdown(marks: list[tuple[float, str, str]], started: float, ended: float) -> Breakdown:
+    """(phase, seconds) in order, from the stages' marks (unix time, stage, phase) and the command's
+    start and end: a stage's phases, and DVC's time before, between and after the stages."""
+    rows: Breakdown = []
+    previous_time, previous_stage = started, None
+    for when, stage, name in sorted(marks):
+        if name == "start":
+            before = f"{previous_stage} exit, DVC" if previous_stage else "DVC: start, check what changed"
+            rows.append((f"{before} -> {stage}", when - previous_time))
+        else:
+            rows.append((f"{stage}: {name}", when - previous_time))
+        previous_time, previous_stage = when, stage
+    rows.append((f"{previous_stage} exit, DVC: save outputs, commit the experiment", ended - previous_time))
+    return rows
+
+
+def read_marks(path: Path) -> list[tuple[float, str, str]]:
+    marks = []
+    for line in path.read_text().splitlines():
+        when, stage, name = line.split("\t")
+        marks.append((float(when), stage, name))
+    return marks
+
+
+def one_epoch_experiment(copy: Path, env: dict[str, str]) -> Breakdown:
+    """Run `dvc exp run -S epochs=1` in `copy` (committed params, no run cache); its breakdown."""
+    run(["git", "checkout", "-q", "HEAD", "--", "."], copy)
+    shutil.rmtree(copy / ".dvc" / "cache" / "runs", ignore_errors=True)
+    with tempfile.TemporaryDirectory() as folder:
+        marks = Path(folder) / "phases.tsv"
+        started = time.time()
+        run(["dvc", "exp", "run", "-S", "epochs=1"], copy, {**env, "MNIST_PHASE_LOG": str(marks)}, timeout=600)
+        ended = time.time()
+        return breakdown(read_marks(marks), started, ended)
+
+
+def print_table(title: str, samples: list[Breakdown]) -> None:
+    """Median (min-max) seconds of each phase over the samples, which list the same phases in order."""
+    print(f"\n{title} ({len(samples)} run{'s' if len(samples) > 1 else ''}): median (min-max) seconds")
+    width = max(len(name) for name, _ in samples[0])
+    for index, (name, _) in enumerate(samples[0]):
+        values = [sample[index][1] for sample in samples if len(sample) > index and sample[index][0] == name]
+        print(f"  {name:<{width}}  {statistics.median(values):6.2f}  ({min(values):.2f}-{max(values):.2f})")
+    totals = [sum(seconds for _, seconds in sample) for sample in samples]
+    print(f"  {'total':<{width}}  {statistics.median(totals):6.2f}  ({min(totals):.2f}-{max(totals):.2f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each copy (default 3)")
+    parser.add_argument("--repo", type=Path, action="append", help="a reproduced copy to run in (repeatable)")
+    args = parser.parse_args()
+    env = user_env(DVC_NO_ANALYTICS="1")
+    copies = args.repo
+    if not copies:
+        copies = [clone_repository(Path(tempfile.mkdtemp(prefix="mnist-phases-")))]
+        run(["dvc", "repro"], copies[0], env, timeout=1200)
+        run(["git", "commit", "-qam", "reproduced"], copies[0])
+    samples: dict[Path, list[Breakdown]] = {copy: [] for copy in copies}
+    for rep in range(1, args.repeats + 1):
+        for copy in copies:
+            samples[copy].append(one_epoch_experiment(copy, env))
+            total = sum(seconds for _, seconds in samples[copy][-1])
+            print(f"{copy}: run {rep}/{args.repeats}: {total:.1f} s", flush=True)
+    for copy in copies:
+        print_table(f"dvc exp run -S epochs=1 in {copy}", samples[copy])
+    if not args.repo:
+        shutil.rmtree(copies[0], ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    main()
