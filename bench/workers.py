@@ -161,19 +161,19 @@ def pipeline_worker(
             import keras
 
             from stages.lib import tracking
-            from stages.train import log_epoch
+            from stages.train import epoch_metrics
 
             experiment_id = tracking.open_experiment(params.mlflow_experiment)
-            tracking_run.enter_context(tracking.recorded_run(experiment_id=experiment_id, run_name="bench"))
-            logged = []
+            run = tracking_run.enter_context(tracking.recorded_run(experiment_id=experiment_id, run_name="bench"))
+            logged = tracking.BackgroundMetrics(run.info.run_id)
             callbacks.insert(
-                0, keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: logged.append(log_epoch(e, logs)))
+                0, keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: logged.log(epoch_metrics(logs), e + 1))
             )
         model, _ = train(
             params, train_examples, validation_examples, callbacks=callbacks, deterministic_ops=deterministic
         )
         if tracked:
-            tracking.wait_until_stored(logged)
+            logged.wait_until_stored()
     results = evaluate(model, load_examples(paths.PREPARED_TEST))
     return {"epoch_seconds": timer.seconds, "test_accuracy": results["test_accuracy"]}
 

@@ -22,7 +22,6 @@ from stages.lib.model import build_model
 
 if TYPE_CHECKING:
     import keras
-    import mlflow
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -171,12 +170,9 @@ def write_history(path: Path, rows: list[dict[str, float]]) -> None:
         writer.writerows(rows)
 
 
-def log_epoch(epoch: int, logs: dict[str, float]) -> mlflow.utils.async_logging.run_operations.RunOperations:
-    """Per-epoch metrics to MLflow, asynchronously so training never waits for the store."""
-    import mlflow
-
-    metrics = {name: float(logs[name]) for name in HISTORY_COLUMNS[1:] if name in logs}
-    return mlflow.log_metrics(metrics, step=epoch + 1, synchronous=False)
+def epoch_metrics(logs: dict[str, float]) -> dict[str, float]:
+    """The metrics of Keras' epoch-end logs that the run records."""
+    return {name: float(logs[name]) for name in HISTORY_COLUMNS[1:] if name in logs}
 
 
 def log_model(saved: Path) -> None:
@@ -238,17 +234,17 @@ def main() -> None:
             }
         )
         phase("MLflow: start the run, params and tags")
-        epoch_logging = []
+        epoch_logging = tracking.BackgroundMetrics(run.info.run_id)
 
         def epoch_ended(epoch: int, logs: dict[str, float]) -> None:
-            epoch_logging.append(log_epoch(epoch, logs))
+            epoch_logging.log(epoch_metrics(logs), step=epoch + 1)
             phase(f"epoch {epoch + 1}")
 
         with signals_held():  # a signal stops training at the end of the epoch, then is raised
             model, history = train(
                 params, train_examples, validation_examples, [keras.callbacks.LambdaCallback(on_epoch_end=epoch_ended)]
             )
-        tracking.wait_until_stored(epoch_logging)
+        epoch_logging.wait_until_stored()
         phase("MLflow: wait for the epochs' metrics")
         with signals_held():
             save_model(model, paths.MODEL)

@@ -472,18 +472,14 @@ def test_evaluate_without_a_model_fails_in_one_line_and_records_nothing(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
-def test_metrics_logged_asynchronously_that_never_reach_the_store_fail_the_stage(monkeypatch, tmp_path):
-    # MLflow's flush_async_logging returns normally when its retries ran out and the data is lost.
-    import mlflow
-
+def test_metrics_logged_in_the_background_that_never_reach_the_store_fail_the_stage(monkeypatch, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # where nothing listens
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with mlflow_as_a_stage(tmp_path, uri):
-        operation = mlflow.MlflowClient().log_batch(
-            "0" * 32, metrics=[mlflow.entities.Metric("loss", 0.5, 0, 1)], synchronous=False
-        )
+        metrics = tracking.BackgroundMetrics("0" * 32)
+        metrics.log({"loss": 0.5}, step=1)
         with pytest.raises(StageError, match=f"MLflow: logged data did not reach {uri}") as error:
-            tracking.wait_until_stored([operation])
+            metrics.wait_until_stored()
     assert "\n" not in str(error.value)
 
 

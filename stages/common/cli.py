@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.abc
 import os
 import signal
 import sys
@@ -72,6 +73,23 @@ PORTABLE_KERNELS = {"TF_ENABLE_ONEDNN_OPTS": "0", "TENSORFLOW_USE_CUSTOM_CONTRAC
 PORTABLE_THREADS = 1
 
 
+# Keras imports these whenever they are installed (MLflow brings them), for its scikit-learn wrappers
+# and plotting utilities, which no stage uses: about 1 s of every TensorFlow import (docs/speed.md).
+KERAS_OPTIONAL_MODULES = ("sklearn", "matplotlib")
+
+
+class _HiddenModules(importlib.abc.MetaPathFinder):
+    """While installed first in sys.meta_path: these top-level packages look not installed."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> None:
+        if fullname.partition(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {fullname!r} (hidden while TensorFlow loads)", name=fullname)
+        return None
+
+
 def import_tensorflow(numerics: str = "portable") -> ModuleType:
     """Import TensorFlow, its C++ banner silenced (it ignores the setting above), with the CPU
     kernels that `numerics` names: "portable", the same bits on any CPU; "native", TensorFlow's
@@ -84,9 +102,12 @@ def import_tensorflow(numerics: str = "portable") -> ModuleType:
     saved_stderr = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
+    hidden = _HiddenModules(tuple(name for name in KERAS_OPTIONAL_MODULES if name not in sys.modules))
+    sys.meta_path.insert(0, hidden)
     try:
         import tensorflow
     finally:
+        sys.meta_path.remove(hidden)
         os.dup2(saved_stderr, 2)
         os.close(saved_stderr)
         os.close(devnull)
