@@ -35,11 +35,14 @@ restore: setup
 	dvc fetch -q -r baseline train evaluate
 	dvc checkout -q
 
+# Two pytest workers (pytest-xdist), one per core of the 2-core machines CI runs on; each module's tests
+# stay on one worker (--dist loadscope), so a module's expensive fixtures are set up once.
+TEST_WORKERS ?= 2
 test: setup
-	pytest
+	pytest -n $(TEST_WORKERS) --dist loadscope
 
 test-fast: setup
-	pytest -m "not slow"
+	pytest -n $(TEST_WORKERS) --dist loadscope -m "not slow"
 
 lint: setup
 	ruff check . && ruff format --check .
