@@ -155,25 +155,29 @@ def pipeline_worker(
     train_examples = load_examples(paths.SPLIT_TRAIN)
     validation_examples = load_examples(paths.SPLIT_VALIDATION)
     timer = make_epoch_timer()
-    with contextlib.ExitStack() as tracking_run:
+    with contextlib.ExitStack() as tracking:
         callbacks = [timer]
-        if tracked:
+        if tracked:  # as the train stage does: MLflow in a process of its own, sent each epoch's metrics
             import keras
 
-            from stages.lib import tracking
-            from stages.train import epoch_metrics
+            from stages.lib.tracking import md5
+            from stages.lib.tracking_process import TrackingProcess
+            from stages.train import epoch_metrics, record_training, save_model
 
-            experiment_id = tracking.open_experiment(params.mlflow_experiment)
-            run = tracking_run.enter_context(tracking.recorded_run(experiment_id=experiment_id, run_name="bench"))
-            logged = tracking.BackgroundMetrics(run.info.run_id)
-            callbacks.insert(
-                0, keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: logged.log(epoch_metrics(logs), e + 1))
+            mlflow_run = tracking.enter_context(TrackingProcess(record_training, params))
+            mlflow_run.send()
+            mlflow_run.result()
+            send_epoch = keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs: mlflow_run.send((epoch + 1, epoch_metrics(logs)))
             )
+            callbacks.insert(0, send_epoch)
         model, _ = train(
             params, train_examples, validation_examples, callbacks=callbacks, deterministic_ops=deterministic
         )
         if tracked:
-            logged.wait_until_stored()
+            save_model(model, paths.MODEL)
+            mlflow_run.send(md5(paths.MODEL))
+            mlflow_run.result()
     results = evaluate(model, load_examples(paths.PREPARED_TEST))
     return {"epoch_seconds": timer.seconds, "test_accuracy": results["test_accuracy"]}
 

@@ -8,7 +8,7 @@ import contextlib
 import csv
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from stages.common.outputs import atomic_output, write_json
 from stages.common.params import Params, load_params
 from stages.lib import tracking
 from stages.lib.input_pipeline import evaluation_dataset, load_examples, recorded_count
+from stages.lib.tracking_process import TrackingProcess
 
 if TYPE_CHECKING:
     import keras
@@ -176,20 +177,29 @@ def log_evaluation(metrics: dict[str, float], per_class: dict[str, dict[str, flo
         mlflow.log_artifact(str(figure))
 
 
+def record_evaluation(params: Params, model_md5: str) -> Generator[Any, Any, None]:
+    """The evaluation in MLflow, worked in a process of its own (stages/lib/tracking_process.py): reopens
+    the run that trained the model (or starts one) and yields (experiment id, run id); then takes
+    (metrics, per-class metrics, confusion matrix) and logs them; the run ends FINISHED at the end."""
+    experiment_id = tracking.open_experiment(params.mlflow_experiment)
+    for run_id in tracking.close_orphaned_runs(experiment_id):
+        log("evaluate", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
+    with evaluation_run(experiment_id, model_md5, params) as run:
+        import matplotlib.figure  # noqa: F401  (for the figure, imported while the stage predicts)
+
+        metrics, per_class, matrix = yield experiment_id, run.info.run_id
+        log_evaluation(metrics, per_class, matrix)
+        yield None
+
+
 def main() -> None:
     timer = Timer()
     params = load_params()
     if not paths.MODEL.is_file():
         raise StageError(f"{paths.MODEL}: file not found (run `dvc repro train` to create it)")
-    model_md5 = tracking.md5(paths.MODEL)
-    experiment_id = tracking.open_experiment(params.mlflow_experiment)
-    for run_id in tracking.close_orphaned_runs(experiment_id):
-        log("evaluate", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
-    phase("MLflow: import, open the store")
-    import_tensorflow(params.numerics)
-    phase("TensorFlow: import")
-    with evaluation_run(experiment_id, model_md5, params) as run:
-        phase("MLflow: reopen the run")
+    with TrackingProcess(record_evaluation, params, tracking.md5(paths.MODEL)) as mlflow_run:
+        import_tensorflow(params.numerics)
+        phase("TensorFlow: import")
         with signals_held():
             model = load_model(paths.MODEL)
             phase("load the model")
@@ -201,8 +211,11 @@ def main() -> None:
         per_class = per_class_metrics(matrix)
         print(format_report(results, per_class, matrix), flush=True)
         metrics = {"test_loss": results["test_loss"], "test_accuracy": results["test_accuracy"]}
-        log_evaluation(metrics, per_class, matrix)
-        phase("MLflow: log metrics, table, figure")
+        experiment_id, run_id = mlflow_run.result()
+        phase("MLflow: wait for its process (import, store, run reopened)")
+        mlflow_run.send((metrics, per_class, matrix))
+        mlflow_run.result()
+        phase("MLflow: wait for metrics, table, figure to be logged")
         write_json(paths.PER_CLASS_METRICS, per_class)
         write_confusion_csv(paths.CONFUSION, test.labels, results["predictions"])
         write_json(paths.EVALUATE_METRICS, metrics)
@@ -211,9 +224,9 @@ def main() -> None:
     log(
         "evaluate",
         f"test_accuracy {results['test_accuracy']:.4f} on {len(test.labels)} images; "
-        f"recorded in MLflow run {run.info.run_id} in {timer}",
+        f"recorded in MLflow run {run_id} in {timer}",
     )
-    tracking.log_run_page("evaluate", experiment_id, run.info.run_id)
+    tracking.log_run_page("evaluate", experiment_id, run_id)
 
 
 if __name__ == "__main__":

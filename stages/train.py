@@ -7,18 +7,21 @@ import json
 import math
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.common import paths
 from stages.common.cli import Timer, import_tensorflow, log, phase, run_stage, signals_held, stop_requested
 from stages.common.dataset import NUM_CLASSES, Examples
+from stages.common.errors import StageError, first_line
 from stages.common.outputs import atomic_output, write_json
 from stages.common.params import Params, load_params
 from stages.lib import tracking
 from stages.lib.input_pipeline import evaluation_dataset, load_examples, recorded_count, training_dataset
 from stages.lib.model import build_model
+from stages.lib.tracking_process import TrackingProcess
 
 if TYPE_CHECKING:
     import keras
@@ -178,10 +181,8 @@ def epoch_metrics(logs: dict[str, float]) -> dict[str, float]:
 def log_model(saved: Path) -> None:
     """Log the saved model file as an MLflow model (stages/lib/served_model.py) with its signature:
     10 probabilities out. No input schema: the model checks its input itself (see served_model.py)."""
-    import keras
     import mlflow
     import numpy as np
-    import tensorflow as tf
     from mlflow.types import Schema, TensorSpec
 
     # Written out, not inferred, and no input example: MLflow would run the model to infer the
@@ -196,34 +197,24 @@ def log_model(saved: Path) -> None:
             signature=signature,
             # Given explicitly: inferring them would load the model again in a subprocess (seconds).
             pip_requirements=[
-                f"tensorflow=={tf.__version__}",
-                f"keras=={keras.__version__}",
-                f"mlflow=={mlflow.__version__}",
+                f"tensorflow=={version('tensorflow')}",
+                f"keras=={version('keras')}",
+                f"mlflow=={version('mlflow')}",
             ],
         )
 
 
-def main() -> None:
-    timer = Timer()
-    params = load_params()
+def record_training(params: Params) -> Generator[Any, Any, None]:
+    """The training run in MLflow, worked in a process of its own (stages/lib/tracking_process.py): opens
+    the store, then waits to be told that the data is good (a bad input records no run); starts the run
+    with the params and tags and yields (experiment id, run id); then takes each epoch's metrics as
+    (epoch, metrics); then the saved model's md5, which it logs; FINISHED at the end."""
+    import mlflow
+
     experiment_id = tracking.open_experiment(params.mlflow_experiment)
     for run_id in tracking.close_orphaned_runs(experiment_id):
         log("train", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
-    phase("MLflow: import, open the store")
-    import_tensorflow(params.numerics)
-    import keras
-    import mlflow
-
-    phase("TensorFlow: import")
-
-    with signals_held():
-        train_examples = load_examples(paths.SPLIT_TRAIN, recorded_count(paths.SPLIT_SUMMARY, "train"))
-        validation_examples = load_examples(paths.SPLIT_VALIDATION, recorded_count(paths.SPLIT_SUMMARY, "validation"))
-    phase("data: read the records")
-    log(
-        "train",
-        f"{len(train_examples.labels)} train / {len(validation_examples.labels)} validation records loaded in {timer}",
-    )
+    yield None
     with tracking.recorded_run(experiment_id=experiment_id, run_name=tracking.run_name()) as run:
         mlflow.log_params(params.as_dict())
         mlflow.set_tags(
@@ -233,26 +224,59 @@ def main() -> None:
                 "data.validation.md5": tracking.md5(paths.SPLIT_VALIDATION),
             }
         )
-        phase("MLflow: start the run, params and tags")
-        epoch_logging = tracking.BackgroundMetrics(run.info.run_id)
+        received = yield experiment_id, run.info.run_id
+        while isinstance(received, tuple):
+            epoch, metrics = received
+            try:
+                mlflow.log_metrics(metrics, step=epoch)
+            except Exception as exc:  # after MLflow's retries
+                raise StageError(
+                    f"MLflow: logged data did not reach {tracking.tracking_uri()}: {first_line(exc)}"
+                ) from exc
+            received = yield None
+        log_model(paths.MODEL)
+        mlflow.set_tag(tracking.MODEL_TAG, received)
+        yield None
+
+
+def main() -> None:
+    timer = Timer()
+    params = load_params()
+    with TrackingProcess(record_training, params) as mlflow_run:
+        import_tensorflow(params.numerics)
+        import keras
+
+        phase("TensorFlow: import")
+        with signals_held():
+            train_examples = load_examples(paths.SPLIT_TRAIN, recorded_count(paths.SPLIT_SUMMARY, "train"))
+            validation_examples = load_examples(
+                paths.SPLIT_VALIDATION, recorded_count(paths.SPLIT_SUMMARY, "validation")
+            )
+        phase("data: read the records")
+        log(
+            "train",
+            f"{len(train_examples.labels)} train / {len(validation_examples.labels)} validation records "
+            f"loaded in {timer}",
+        )
+        mlflow_run.send()  # the data is good: start the run
+        experiment_id, run_id = mlflow_run.result()  # training starts once the run is recorded
+        phase("MLflow: wait for its process (import, store, run started)")
 
         def epoch_ended(epoch: int, logs: dict[str, float]) -> None:
-            epoch_logging.log(epoch_metrics(logs), step=epoch + 1)
+            mlflow_run.send((epoch + 1, epoch_metrics(logs)))
             phase(f"epoch {epoch + 1}")
 
         with signals_held():  # a signal stops training at the end of the epoch, then is raised
             model, history = train(
                 params, train_examples, validation_examples, [keras.callbacks.LambdaCallback(on_epoch_end=epoch_ended)]
             )
-        epoch_logging.wait_until_stored()
-        phase("MLflow: wait for the epochs' metrics")
         with signals_held():
             save_model(model, paths.MODEL)
             phase("save the model")
-            log_model(paths.MODEL)
-            phase("MLflow: log the model")
         model_md5 = tracking.md5(paths.MODEL)
-        mlflow.set_tag(tracking.MODEL_TAG, model_md5)
+        mlflow_run.send(model_md5)
+        mlflow_run.result()
+        phase("MLflow: wait for the epochs' metrics and the model to be logged")
         write_history(paths.TRAIN_HISTORY, history)
         kept = kept_epoch(params, history)
         final = {name: kept[name] for name in HISTORY_COLUMNS[1:]}
@@ -265,9 +289,9 @@ def main() -> None:
         "train",
         f"{params.epochs} epoch{'s' if params.epochs > 1 else ''}: "
         f"val_accuracy {final['val_accuracy']:.4f}, val_loss {final['val_loss']:.4f}; "
-        f"wrote {paths.MODEL} (md5 {model_md5}); MLflow run {run.info.run_id} in {timer}",
+        f"wrote {paths.MODEL} (md5 {model_md5}); MLflow run {run_id} in {timer}",
     )
-    tracking.log_run_page("train", experiment_id, run.info.run_id)
+    tracking.log_run_page("train", experiment_id, run_id)
 
 
 if __name__ == "__main__":

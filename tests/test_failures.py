@@ -121,9 +121,20 @@ def test_sigterm_mid_training_ends_the_run_killed_and_writes_nothing(split_data)
     assert outputs_left(split_data) == INPUTS_LEFT
 
 
-def test_sigkill_mid_training_leaves_no_output_and_the_next_run_closes_the_orphan(split_data, run_stage_in):
+def test_sigkill_of_the_stage_alone_leaves_no_output_and_its_mlflow_process_ends_the_run_killed(split_data):
     with long_training(split_data) as training:
         training.process.send_signal(signal.SIGKILL)
+        training.finish(timeout=60)
+    [run] = runs(split_data)
+    assert run.info.status == "KILLED"
+    assert outputs_left(split_data) == INPUTS_LEFT
+
+
+def test_sigkill_of_the_stage_and_its_mlflow_process_leaves_no_output_and_the_next_run_closes_the_orphan(
+    split_data, run_stage_in
+):
+    with long_training(split_data) as training:
+        os.killpg(training.process.pid, signal.SIGKILL)
         training.finish(timeout=60)
     [orphan] = runs(split_data)
     assert orphan.info.status == "RUNNING"  # nothing can run on SIGKILL

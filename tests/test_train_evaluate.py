@@ -27,7 +27,7 @@ from tests.conftest import (
     weights_equal,
     write_stage_inputs,
 )
-from tests.e2e import copy_repository, free_port
+from tests.e2e import copy_repository
 
 
 @pytest.fixture(scope="module")
@@ -470,17 +470,6 @@ def test_evaluate_without_a_model_fails_in_one_line_and_records_nothing(tmp_path
     [line] = result.stderr.splitlines()
     assert line == "evaluate: error: models/model.keras: file not found (run `dvc repro train` to create it)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
-
-
-def test_metrics_logged_in_the_background_that_never_reach_the_store_fail_the_stage(monkeypatch, tmp_path):
-    uri = f"http://127.0.0.1:{free_port()}"  # where nothing listens
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with mlflow_as_a_stage(tmp_path, uri):
-        metrics = tracking.BackgroundMetrics("0" * 32)
-        metrics.log({"loss": 0.5}, step=1)
-        with pytest.raises(StageError, match=f"MLflow: logged data did not reach {uri}") as error:
-            metrics.wait_until_stored()
-    assert "\n" not in str(error.value)
 
 
 def test_stages_print_nothing_that_looks_like_a_problem(pipeline):

@@ -20,9 +20,7 @@ import logging
 import os
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -229,37 +227,6 @@ def _runs_of_model(experiment_id: str, model_md5: str) -> list[mlflow.entities.R
         filter_string=f"tags.`{MODEL_TAG}` = '{model_md5}'",
         order_by=["attributes.start_time DESC"],
     )
-
-
-class BackgroundMetrics:
-    """Logs a run's metrics from a thread of its own, in order, so that training never waits
-    for the store. Not MLflow's asynchronous logging: its thread waits on its queue a second at a time,
-    and ending the run waits for that (1-1.5 s measured, bench/phases.py)."""
-
-    def __init__(self, run_id: str) -> None:
-        import mlflow
-
-        self._run_id = run_id
-        self._client = mlflow.MlflowClient()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
-        self._sent: list[Future] = []
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(name, value, now, step) for name, value in metrics.items()]
-        self._sent.append(self._thread.submit(self._client.log_batch, self._run_id, metrics=batch))
-
-    def wait_until_stored(self) -> None:
-        """Return once the store has taken every metric; StageError if it did not (after MLflow's retries)."""
-        try:
-            for sent in self._sent:
-                sent.result()
-        except Exception as exc:
-            raise StageError(f"MLflow: logged data did not reach {tracking_uri()}: {first_line(exc)}") from exc
-        finally:
-            self._thread.shutdown(wait=False, cancel_futures=True)
 
 
 def _owner_tags() -> dict[str, str]:
