@@ -82,6 +82,28 @@ def changed_stages(repo: Path) -> set[str]:
     return set(json.loads(run(["dvc", "status", "--json"], repo).stdout))
 
 
+def run_queues(repos: list[Path], jobs: int, env: dict[str, str] | None = None, timeout: float = 1500) -> list[str]:
+    """Run each repository's queued experiments with `dvc queue start -j jobs`, all at once, and wait
+    until none is queued or running; return each one's `dvc queue status`, then stop its workers.
+
+    Not `dvc exp run --run-all`: a DVC bug can leave it waiting forever after the last experiment
+    (its worker's monitor thread dies on a half-written queue message; treeverse/dvc#10428)."""
+    for repo in repos:
+        run(["dvc", "queue", "start", "-j", str(jobs)], repo, env)
+    deadline = time.monotonic() + timeout
+    statuses = {}
+    while len(statuses) < len(repos):
+        assert time.monotonic() < deadline, f"queues still running after {timeout} s"
+        time.sleep(2)
+        for repo in repos:
+            status = run(["dvc", "queue", "status"], repo, env).stdout
+            if repo not in statuses and not {"Queued", "Running"} & set(status.split()):
+                statuses[repo] = status
+    for repo in repos:
+        run(["dvc", "queue", "stop"], repo, env)
+    return [statuses[repo] for repo in repos]
+
+
 def experiments_shown(repo: Path, env: dict[str, str] | None = None) -> dict:
     """`dvc exp show`'s experiments by name: their metrics files as DVC reports them."""
     rows = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)

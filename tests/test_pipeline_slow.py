@@ -31,6 +31,7 @@ from tests.e2e import (
     experiments_shown,
     free_port,
     run,
+    run_queues,
     stages_run,
     user_env,
     wait_until_answering,
@@ -266,7 +267,8 @@ def test_parallel_queued_experiments_all_land_complete_in_the_repository_databas
     for name in names:
         size = name.rsplit("-", 1)[1]
         run(["dvc", "exp", "run", "--queue", "-S", "epochs=2", "-S", f"hidden_layer_size={size}", "-n", name], repo)
-    run(["dvc", "exp", "run", "--run-all", "-j", "4"], repo)
+    [status] = run_queues([repo], jobs=4)
+    assert status.split().count("Success") == 4, status
 
     shown = experiments_shown(repo)
     runs = [r for r in client(repo).search_runs([experiment.experiment_id]) if r.info.run_id not in before]

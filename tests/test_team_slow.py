@@ -19,7 +19,7 @@ from stages.lib.input_pipeline import load_examples
 from stages.lib.tracking import MODEL_TAG, md5
 from team import stack as team_stack
 from tests.conftest import EPOCH_METRICS, mlflow_as_a_stage, runs_that_trained
-from tests.e2e import changed_stages, copy_repository, experiments_shown, run, stages_run, started, user_env
+from tests.e2e import changed_stages, copy_repository, experiments_shown, run, run_queues, stages_run, started, user_env
 
 pytestmark = pytest.mark.slow
 
@@ -210,20 +210,8 @@ def test_eight_queued_experiments_from_two_machines_all_land_complete_on_the_pos
             size_param = f"hidden_layer_size={size + (label == 'b')}"
             run(["dvc", "exp", "run", "--queue", "-S", "epochs=1", "-S", size_param, "-n", name], repo)
             names[name] = repo
-    queues = [
-        subprocess.Popen(
-            ["dvc", "exp", "run", "--run-all", "-j", "2"],
-            cwd=repo,
-            env=team_env(stack),
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        for repo in machines.values()
-    ]
-    for queue in queues:
-        output, _ = queue.communicate(timeout=1800)
-        assert queue.returncode == 0, output[-3000:]
+    for status in run_queues(list(machines.values()), jobs=2, env=team_env(stack)):
+        assert status.split().count("Success") == 4, status
 
     new = [client.get_run(run_id) for run_id in set(all_runs(client)) - before]
     assert sorted(r.info.run_name for r in new) == sorted(names)
