@@ -1,6 +1,6 @@
 """Where a one-epoch experiment's time goes: `dvc exp run -S epochs=1`, phase by phase.
 
-    python bench/phases.py [--repeats N] [--repo COPY ...]
+    python bench/phases.py [--repeats N] [--repo COPY ...] [--notebook]
 
 Each repetition restores the copy's committed params, deletes DVC's run cache (or DVC would restore
 the experiment instead of running it) and times `dvc exp run -S epochs=1` with MNIST_PHASE_LOG set:
@@ -11,6 +11,10 @@ process's exit). Prints the median, min and max of every phase.
 Without --repo, a throwaway copy of this repository is made and reproduced first. With several
 --repo (copies at different commits, each reproduced), their runs alternate, so that load from
 elsewhere hits all alike: an A/B of a change, phase by phase.
+
+With --notebook, each repetition also times the notebook's script with ten epochs (bench/workers.py,
+as `make bench` does) and `dvc exp run -S epochs=10` in the first copy, one after the other, and
+prints the ratio of their medians.
 """
 
 from __future__ import annotations
@@ -68,6 +72,19 @@ def one_epoch_experiment(copy: Path, env: dict[str, str]) -> Breakdown:
         return breakdown(read_marks(marks), started, ended)
 
 
+def ten_epochs_against_the_notebook(copy: Path, env: dict[str, str]) -> tuple[float, float]:
+    """Seconds of the notebook's script with ten epochs, then of `dvc exp run -S epochs=10` in `copy`."""
+    started = time.perf_counter()
+    bench = [sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--worker", "notebook", "--epochs", "10"]
+    run(bench, REPO_ROOT, env, timeout=900)
+    notebook = time.perf_counter() - started
+    run(["git", "checkout", "-q", "HEAD", "--", "."], copy)
+    shutil.rmtree(copy / ".dvc" / "cache" / "runs", ignore_errors=True)
+    started = time.perf_counter()
+    run(["dvc", "exp", "run", "-S", "epochs=10"], copy, env, timeout=900)
+    return notebook, time.perf_counter() - started
+
+
 def print_table(title: str, samples: list[Breakdown]) -> None:
     """Median (min-max) seconds of each phase over the samples, which list the same phases in order."""
     print(f"\n{title} ({len(samples)} run{'s' if len(samples) > 1 else ''}): median (min-max) seconds")
@@ -83,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each copy (default 3)")
     parser.add_argument("--repo", type=Path, action="append", help="a reproduced copy to run in (repeatable)")
+    parser.add_argument("--notebook", action="store_true", help="also: ten epochs, the notebook against dvc exp run")
     args = parser.parse_args()
     env = user_env(DVC_NO_ANALYTICS="1")
     copies = args.repo
@@ -91,13 +109,23 @@ def main() -> None:
         run(["dvc", "repro"], copies[0], env, timeout=1200)
         run(["git", "commit", "-qam", "reproduced"], copies[0])
     samples: dict[Path, list[Breakdown]] = {copy: [] for copy in copies}
+    ten_epochs: list[tuple[float, float]] = []
     for rep in range(1, args.repeats + 1):
         for copy in copies:
             samples[copy].append(one_epoch_experiment(copy, env))
             total = sum(seconds for _, seconds in samples[copy][-1])
             print(f"{copy}: run {rep}/{args.repeats}: {total:.1f} s", flush=True)
+        if args.notebook:
+            ten_epochs.append(ten_epochs_against_the_notebook(copies[0], env))
+            print(f"ten epochs: notebook {ten_epochs[-1][0]:.1f} s, dvc exp run {ten_epochs[-1][1]:.1f} s", flush=True)
     for copy in copies:
         print_table(f"dvc exp run -S epochs=1 in {copy}", samples[copy])
+    if ten_epochs:
+        notebook, experiment = (statistics.median(times) for times in zip(*ten_epochs, strict=True))
+        print(
+            f"\nten epochs, medians of {len(ten_epochs)}: notebook script {notebook:.1f} s, "
+            f"dvc exp run -S epochs=10 {experiment:.1f} s: ratio {experiment / notebook:.2f} (target <= 0.5)"
+        )
     if not args.repo:
         shutil.rmtree(copies[0], ignore_errors=True)
 
