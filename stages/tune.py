@@ -460,7 +460,10 @@ def main(study: str, trials: int | None, minutes: float | None, jobs: int, stora
     parent.end(status)
     for line in summary(the_study):
         log("tune", line)
-    log("tune", f"{'interrupted; run the command again to resume' if status == 'KILLED' else 'done'} in {timer}")
+    if status == "KILLED":
+        log("tune", f"interrupted after {timer}; run the command again to resume")
+    else:
+        log("tune", f"done in {timer}")
     if status == "KILLED":
         raise KeyboardInterrupt
 
