@@ -79,11 +79,20 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     """The study's database, with heartbeats: a trial whose worker was killed is marked failed and retried once."""
     import optuna
 
+    class Storage(optuna.storages.RDBStorage):
+        def record_heartbeat(self, trial_id: int) -> None:
+            """Optuna's heartbeat thread ends at its first error, and GRACE_SECONDS later the next worker to start
+            a trial fails the one still training: a database down for a moment must cost a heartbeat, not a trial."""
+            try:
+                super().record_heartbeat(trial_id)
+            except Exception as exc:
+                log("tune", f"heartbeat not recorded ({database_error(exc)}); next try in {HEARTBEAT_SECONDS} s")
+
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, plots
     # SQLite: wait for the one writer rather than fail; a server: reconnect after it went away.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(
+        return Storage(
             url,
             engine_kwargs=engine,
             heartbeat_interval=HEARTBEAT_SECONDS,
@@ -92,6 +101,13 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         )
     except Exception as exc:
         raise StageError(f"study storage {url.split('@')[-1]} is unreachable or broken: {first_line(exc)}") from exc
+
+
+def database_error(exc: BaseException) -> str:
+    """What went wrong, from the driver (Optuna's own message guesses at "invalid data in the commit")."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return first_line(exc)
 
 
 def open_study(name: str, storage: optuna.storages.BaseStorage, space: Space) -> optuna.Study:
@@ -231,7 +247,7 @@ def objective(
                     # Not at the last epoch: the trial is complete by then, stopping it would save nothing.
                     return epoch < last_epoch and trial.should_prune()
                 except Exception as exc:  # the study's database is down: train on, unpruned
-                    log("tune", f"{name}: epoch {epoch} not reported to the study ({first_line(exc)}); not pruning")
+                    log("tune", f"{name}: epoch {epoch} not reported to the study ({database_error(exc)}); not pruning")
                     return False
 
             status, pruned = trials.run(trials.command(name, point), log_path, on_epoch)

@@ -1,6 +1,8 @@
 """python -m stages.tune, without training: the search space, naming, pruning decisions, resume."""
 
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -8,6 +10,7 @@ import time
 
 import optuna
 import pytest
+from optuna.storages._heartbeat import get_heartbeat_thread
 
 from stages import tune
 from stages.common.errors import StageError
@@ -313,6 +316,32 @@ def test_a_worker_killed_with_sigkill_leaves_a_failed_trial_its_point_is_retried
     assert retried.params == first.params and retried.value == 0.93  # the killed trial's point, run again
     orphan = int((tmp_path / "ran").read_text().split()[1])
     assert not os.path.exists(f"/proc/{orphan}")  # the killed worker's trial stopped, not left to train on
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_heartbeat_the_database_cannot_take_is_skipped_and_the_next_one_recorded(tmp_path, monkeypatch, capsys):
+    # Optuna's heartbeat thread ends at the first error it meets; the trial would be failed while it trains.
+    storage = tune.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    storage.heartbeat_interval = 1
+    trial = optuna.create_study(storage=storage).ask()
+    beats = []
+    record = optuna.storages.RDBStorage.record_heartbeat
+
+    def down_for_two_beats(self, trial_id):
+        beats.append(trial_id)
+        if len(beats) <= 2:
+            raise OSError("could not connect to server")
+        record(self, trial_id)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "record_heartbeat", down_for_two_beats)
+    with get_heartbeat_thread(trial._trial_id, storage):
+        deadline = time.monotonic() + 30
+        while len(beats) < 3:
+            assert time.monotonic() < deadline, "the heartbeat stopped"
+            time.sleep(0.1)
+    with contextlib.closing(sqlite3.connect(tmp_path / "optuna.db")) as database:
+        assert database.execute("SELECT trial_id FROM trial_heartbeats").fetchall() == [(trial._trial_id,)]
+    assert capsys.readouterr().out.count("tune: heartbeat not recorded (could not connect to server); next try") == 2
 
 
 def test_a_trial_trains_on_unpruned_while_the_study_database_cannot_take_its_epochs(tmp_path, monkeypatch, capsys):
