@@ -132,6 +132,29 @@ def counted(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
+def spent(study: optuna.Study) -> int:
+    """The budget spent or being spent: trials complete, pruned or running now, here or on another machine, in
+    one read. A killed worker's trial runs until its heartbeat is GRACE_SECONDS old; then it is failed here and
+    its point queued again, as Optuna does when a trial starts."""
+    import optuna
+
+    optuna.storages.fail_stale_trials(study)
+    state = optuna.trial.TrialState
+    return len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING)))
+
+
+def stop_at_budget(budget: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """Optuna callback, after each trial: start no other once the trials done and those running reach the budget.
+    (Optuna's MaxTrialsCallback counts the finished ones only: two machines that each end a trial while the
+    other's runs would both start one more, past the budget.)"""
+
+    def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if spent(study) >= budget:
+            study.stop()
+
+    return stop
+
+
 # ---------------------------------------------------------------- one trial: a DVC experiment
 
 
@@ -452,13 +475,14 @@ def main(study: str, trials: int | None, minutes: float | None, jobs: int, stora
     runner = Trials(tracking.repo_root(), parent.run_id)
     callbacks: list[Callable] = [parent.trial_finished, _logging_trial]
     if budget is not None:
-        callbacks.append(
-            optuna.study.MaxTrialsCallback(
-                budget, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-            )
-        )
-    left = None if budget is None else budget - counted(the_study)
-    log("tune", f"study {study}: {counted(the_study)} trials done of {budget}; MLflow parent run {parent.run_id}")
+        callbacks.append(stop_at_budget(budget))
+    used, done = spent(the_study), counted(the_study)
+    left = None if budget is None else budget - used
+    log(
+        "tune",
+        f"study {study}: {done} trials done of {budget}"
+        f"{f', {used - done} running' if used > done else ''}; MLflow parent run {parent.run_id}",
+    )
     status = "FINISHED"
     with _stopping_on_signals(runner):
         if left is None or left > 0:
