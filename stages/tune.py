@@ -79,11 +79,20 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     """The study's database, with heartbeats: a trial whose worker was killed is marked failed and retried once."""
     import optuna
 
+    class Storage(optuna.storages.RDBStorage):
+        def record_heartbeat(self, trial_id: int) -> None:
+            """Optuna's heartbeat thread ends at its first error, and GRACE_SECONDS later the next worker to start
+            a trial fails the one still training: a database down for a moment must cost a heartbeat, not a trial."""
+            try:
+                super().record_heartbeat(trial_id)
+            except Exception as exc:
+                log("tune", f"heartbeat not recorded ({database_error(exc)}); next try in {HEARTBEAT_SECONDS} s")
+
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, plots
     # SQLite: wait for the one writer rather than fail; a server: reconnect after it went away.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(
+        return Storage(
             url,
             engine_kwargs=engine,
             heartbeat_interval=HEARTBEAT_SECONDS,
@@ -92,6 +101,13 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         )
     except Exception as exc:
         raise StageError(f"study storage {url.split('@')[-1]} is unreachable or broken: {first_line(exc)}") from exc
+
+
+def database_error(exc: BaseException) -> str:
+    """What went wrong, from the driver (Optuna's own message guesses at "invalid data in the commit")."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return first_line(exc)
 
 
 def open_study(name: str, storage: optuna.storages.BaseStorage, space: Space) -> optuna.Study:
@@ -114,6 +130,29 @@ def counted(study: optuna.Study) -> int:
 
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return len(study.get_trials(deepcopy=False, states=states))
+
+
+def spent(study: optuna.Study) -> int:
+    """The budget spent or being spent: trials complete, pruned or running now, here or on another machine, in
+    one read. A killed worker's trial runs until its heartbeat is GRACE_SECONDS old; then it is failed here and
+    its point queued again, as Optuna does when a trial starts."""
+    import optuna
+
+    optuna.storages.fail_stale_trials(study)
+    state = optuna.trial.TrialState
+    return len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING)))
+
+
+def stop_at_budget(budget: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """Optuna callback, after each trial: start no other once the trials done and those running reach the budget.
+    (Optuna's MaxTrialsCallback counts the finished ones only: two machines that each end a trial while the
+    other's runs would both start one more, past the budget.)"""
+
+    def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if spent(study) >= budget:
+            study.stop()
+
+    return stop
 
 
 # ---------------------------------------------------------------- one trial: a DVC experiment
@@ -231,7 +270,7 @@ def objective(
                     # Not at the last epoch: the trial is complete by then, stopping it would save nothing.
                     return epoch < last_epoch and trial.should_prune()
                 except Exception as exc:  # the study's database is down: train on, unpruned
-                    log("tune", f"{name}: epoch {epoch} not reported to the study ({first_line(exc)}); not pruning")
+                    log("tune", f"{name}: epoch {epoch} not reported to the study ({database_error(exc)}); not pruning")
                     return False
 
             status, pruned = trials.run(trials.command(name, point), log_path, on_epoch)
@@ -436,13 +475,14 @@ def main(study: str, trials: int | None, minutes: float | None, jobs: int, stora
     runner = Trials(tracking.repo_root(), parent.run_id)
     callbacks: list[Callable] = [parent.trial_finished, _logging_trial]
     if budget is not None:
-        callbacks.append(
-            optuna.study.MaxTrialsCallback(
-                budget, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-            )
-        )
-    left = None if budget is None else budget - counted(the_study)
-    log("tune", f"study {study}: {counted(the_study)} trials done of {budget}; MLflow parent run {parent.run_id}")
+        callbacks.append(stop_at_budget(budget))
+    used, done = spent(the_study), counted(the_study)
+    left = None if budget is None else budget - used
+    log(
+        "tune",
+        f"study {study}: {done} trials done of {budget}"
+        f"{f', {used - done} running' if used > done else ''}; MLflow parent run {parent.run_id}",
+    )
     status = "FINISHED"
     with _stopping_on_signals(runner):
         if left is None or left > 0:

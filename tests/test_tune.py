@@ -1,6 +1,8 @@
 """python -m stages.tune, without training: the search space, naming, pruning decisions, resume."""
 
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -8,6 +10,7 @@ import time
 
 import optuna
 import pytest
+from optuna.storages._heartbeat import get_heartbeat_thread
 
 from stages import tune
 from stages.common.errors import StageError
@@ -180,12 +183,12 @@ def tiny_study(folder, name="s", startup_trials=2, warmup_epochs=1, epochs=3):
     return tune.open_study(name, storage, searched), searched
 
 
-def optimize(study, searched, trials, n):
+def optimize(study, searched, trials, n, callbacks=None):
     marked = {}
     run_trial = tune.objective(
         trials, searched, BASE, study.study_name, lambda name, tags: marked.setdefault(name, tags)
     )
-    study.optimize(run_trial, n_trials=n, catch=(tune.TrialFailed,))
+    study.optimize(run_trial, n_trials=n, catch=(tune.TrialFailed,), callbacks=callbacks)
     return marked
 
 
@@ -289,12 +292,14 @@ optimize(study, searched, FakeTrials(folder, {f"s-{n}": [0.9] * 30 for n in rang
 """
 
 
+def worker_env():
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
 def test_a_worker_killed_with_sigkill_leaves_a_failed_trial_its_point_is_retried_and_its_trial_stopped(
     tmp_path, monkeypatch
 ):
-    worker = subprocess.Popen(
-        [sys.executable, "-c", WORKER, str(tmp_path)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
-    )
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path)], cwd=REPO, env=worker_env())
     deadline = time.monotonic() + 60
     while not (tmp_path / "ran").exists():
         assert time.monotonic() < deadline and worker.poll() is None
@@ -313,6 +318,59 @@ def test_a_worker_killed_with_sigkill_leaves_a_failed_trial_its_point_is_retried
     assert retried.params == first.params and retried.value == 0.93  # the killed trial's point, run again
     orphan = int((tmp_path / "ran").read_text().split()[1])
     assert not os.path.exists(f"/proc/{orphan}")  # the killed worker's trial stopped, not left to train on
+
+
+# One of two workers of a study whose budget is 4 trials, as two machines run it: each may run all 4, its
+# trials argv[2] epochs long (half a second each).
+BUDGET_WORKER = """
+import sys
+from pathlib import Path
+from stages import tune
+from tests.test_tune import FakeTrials, optimize, tiny_study
+folder, epochs = Path(sys.argv[1]), int(sys.argv[2])
+study, searched = tiny_study(folder, startup_trials=10)
+optimize(study, searched, FakeTrials(folder, {f"s-{n}": [0.9] * epochs for n in range(8)}), 4, [tune.stop_at_budget(4)])
+"""
+
+
+def test_two_workers_on_one_study_start_no_trial_past_its_budget(tmp_path):
+    # Short trials on one, long ones on the other: when the long one ends, the short one's fourth trial runs.
+    # Counting finished trials only (Optuna's MaxTrialsCallback), the long one would start a fifth.
+    tiny_study(tmp_path)  # the study exists before the workers open it
+    workers = [
+        subprocess.Popen([sys.executable, "-c", BUDGET_WORKER, str(tmp_path), epochs], cwd=REPO, env=worker_env())
+        for epochs in ("2", "7")
+    ]
+    assert [worker.wait(timeout=120) for worker in workers] == [0, 0]
+    study, _ = tiny_study(tmp_path)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    assert sorted(FakeTrials(tmp_path, {}).ran()) == ["s-0", "s-1", "s-2", "s-3"]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_heartbeat_the_database_cannot_take_is_skipped_and_the_next_one_recorded(tmp_path, monkeypatch, capsys):
+    # Optuna's heartbeat thread ends at the first error it meets; the trial would be failed while it trains.
+    storage = tune.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    storage.heartbeat_interval = 1
+    trial = optuna.create_study(storage=storage).ask()
+    beats = []
+    record = optuna.storages.RDBStorage.record_heartbeat
+
+    def down_for_two_beats(self, trial_id):
+        beats.append(trial_id)
+        if len(beats) <= 2:
+            raise OSError("could not connect to server")
+        record(self, trial_id)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "record_heartbeat", down_for_two_beats)
+    with get_heartbeat_thread(trial._trial_id, storage):
+        deadline = time.monotonic() + 30
+        while len(beats) < 3:
+            assert time.monotonic() < deadline, "the heartbeat stopped"
+            time.sleep(0.1)
+    with contextlib.closing(sqlite3.connect(tmp_path / "optuna.db")) as database:
+        assert database.execute("SELECT trial_id FROM trial_heartbeats").fetchall() == [(trial._trial_id,)]
+    assert capsys.readouterr().out.count("tune: heartbeat not recorded (could not connect to server); next try") == 2
 
 
 def test_a_trial_trains_on_unpruned_while_the_study_database_cannot_take_its_epochs(tmp_path, monkeypatch, capsys):
