@@ -137,7 +137,10 @@ def _process_start_time() -> float:
 
 
 def log(stage: str, message: str) -> None:
-    print(f"{stage}: {message}", flush=True)
+    # One write per line: print() writes the text and the newline apart, and threads (stages.tune's)
+    # could then write into each other's lines.
+    sys.stdout.write(f"{stage}: {message}\n")
+    sys.stdout.flush()
 
 
 class Timer:
