@@ -114,14 +114,18 @@ def open_study(name: str, storage: optuna.storages.BaseStorage, space: Space) ->
     """Create the study or load it (resume, or another machine's): maximise, seeded TPE, median pruner."""
     import optuna
 
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=name,
         storage=storage,
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=space.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=space.startup_trials, n_warmup_steps=space.warmup_epochs),
         load_if_exists=True,
     )
+    # Seeded by the trials already there: a new study draws from `seed` itself, but a second machine
+    # joining (or a resume) must not draw the same sequence again: with one seed, two machines were
+    # seen suggesting the same first points.
+    study.sampler = optuna.samplers.TPESampler(seed=space.seed + len(study.trials))
+    return study
 
 
 def counted(study: optuna.Study) -> int:

@@ -87,9 +87,19 @@ def run_queues(repos: list[Path], jobs: int, env: dict[str, str] | None = None, 
     until none is queued or running; return each one's `dvc queue status`, then stop its workers.
 
     Not `dvc exp run --run-all`: a DVC bug can leave it waiting forever after the last experiment
-    (its worker's monitor thread dies on a half-written queue message; treeverse/dvc#10428)."""
-    for repo in repos:
-        run(["dvc", "queue", "start", "-j", str(jobs)], repo, env)
+    (its worker's monitor thread dies on a half-written queue message; treeverse/dvc#10428). Under
+    load `dvc queue start` itself was seen never to return, its experiments all done: it is not
+    waited for, only the queue's status is."""
+    starts = [
+        subprocess.Popen(
+            ["dvc", "queue", "start", "-j", str(jobs)],
+            cwd=repo,
+            env=env or user_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for repo in repos
+    ]
     deadline = time.monotonic() + timeout
     statuses = {}
     while len(statuses) < len(repos):
@@ -99,8 +109,11 @@ def run_queues(repos: list[Path], jobs: int, env: dict[str, str] | None = None, 
             status = run(["dvc", "queue", "status"], repo, env).stdout
             if repo not in statuses and not {"Queued", "Running"} & set(status.split()):
                 statuses[repo] = status
-    for repo in repos:
+    for repo, start in zip(repos, starts, strict=True):
         run(["dvc", "queue", "stop"], repo, env)
+        if start.poll() is None:
+            start.kill()
+        start.wait()
     return [statuses[repo] for repo in repos]
 
 
