@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import warnings
 import zipfile
 from collections.abc import Generator, Sequence
@@ -264,6 +265,8 @@ def main() -> None:
 
         def epoch_ended(epoch: int, logs: dict[str, float]) -> None:
             mlflow_run.send((epoch + 1, epoch_metrics(logs)))
+            if os.environ.get(tracking.EPOCH_JSON_ENV):
+                print(tracking.EPOCH_LINE_PREFIX + json.dumps({"epoch": epoch + 1, **epoch_metrics(logs)}), flush=True)
             phase(f"epoch {epoch + 1}")
 
         with signals_held():  # a signal stops training at the end of the epoch, then is raised

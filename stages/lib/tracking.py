@@ -51,6 +51,10 @@ LOCAL_UI = "http://127.0.0.1:5000"
 MODEL_TAG = "model.md5"  # on the run that trained the model
 EVALUATED_MODEL_TAG = "evaluated_model.md5"  # on a run that only evaluated it (no training run in the store)
 PARENT_RUN_ENV = "MNIST_PARENT_RUN_ID"
+# For a program that reads train's output (stages.tune): with this variable set, train prints one line per
+# epoch, EPOCH_LINE_PREFIX then the epoch's row of metrics/train_history.csv as JSON.
+EPOCH_JSON_ENV = "MNIST_EPOCH_JSON"
+EPOCH_LINE_PREFIX = "train: epoch "
 
 
 def repo_root() -> Path:
