@@ -4,44 +4,32 @@ the per-class table, the confusion matrix figure)."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import tempfile
-from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stages.common import paths
-from stages.common.cli import Timer, import_tensorflow, log, phase, run_stage, signals_held
+from stages.common.cli import Timer, log, run_stage, signals_held
 from stages.common.dataset import NUM_CLASSES, Examples
-from stages.common.errors import StageError, first_line
+from stages.common.errors import StageError
 from stages.common.outputs import atomic_output, write_json
 from stages.common.params import Params, load_params
 from stages.lib import tracking
 from stages.lib.input_pipeline import evaluation_dataset, load_examples, recorded_count
+from stages.lib.model import load_model
+from stages.lib.tensorflow_setup import import_tensorflow
 from stages.lib.tracking_process import TrackingProcess
 
 if TYPE_CHECKING:
     import keras
-    import mlflow
 
 # In the run, one table rather than 20 per-class metrics (each of which the MLflow UI draws as a chart).
 PER_CLASS_TABLE = "per_class.json"
 KERAS_EPSILON = 1e-7  # keras.config.epsilon(): how far from 0 and 1 its cross-entropy clips probabilities
-
-
-def load_model(path: Path) -> keras.Model:
-    import keras
-
-    if not Path(path).is_file():
-        raise StageError(f"{path}: file not found (run `dvc repro train` to create it)")
-    try:
-        return keras.models.load_model(path)
-    except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors... for a bad file
-        raise StageError(f"{path}: not a loadable Keras model: {first_line(exc)}") from exc
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
@@ -123,17 +111,17 @@ def write_confusion_csv(path: Path, labels: np.ndarray, predictions: np.ndarray)
         writer.writerows(zip(labels.tolist(), predictions.tolist(), strict=True))
 
 
-@contextlib.contextmanager
-def evaluation_run(experiment_id: str, model_md5: str, params: Params) -> Iterator[mlflow.ActiveRun]:
-    """The run that trained the model (see tracking.find_training_run), reopened; if no run in this
-    store trained it (a model pulled from elsewhere), a new run that says so."""
+def start_evaluation_run(params: Params, model_md5: str) -> tuple[str, str]:
+    """Reopen the run that trained the model (see tracking.find_training_run); if no run in this store
+    trained it (a model pulled from elsewhere), start a new run that says so. (experiment id, run id)"""
     import mlflow
+
+    experiment_id = tracking.open_experiment(params.mlflow_experiment)
+    import matplotlib.figure  # noqa: F401  (for log_evaluation's figure: imported here, while the stage predicts)
 
     training = tracking.find_training_run(experiment_id, model_md5)
     if training is not None:
-        with tracking.recorded_run(training.info.run_id) as run:
-            yield run
-        return
+        return experiment_id, tracking.start_run(training.info.run_id).info.run_id
     log(
         "evaluate",
         f"warning: no MLflow run in {tracking.tracking_uri()} trained {paths.MODEL} (md5 {model_md5}); "
@@ -144,10 +132,9 @@ def evaluation_run(experiment_id: str, model_md5: str, params: Params) -> Iterat
         tracking.EVALUATED_MODEL_TAG: model_md5,
         "mlflow.note.content": f"Evaluation only: no run in this store trained the model (md5 {model_md5}).",
     }
-    name = f"{tracking.run_name()}-evaluate"
-    with tracking.recorded_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
-        mlflow.log_params(params.as_dict())
-        yield run
+    run = tracking.start_run(experiment_id=experiment_id, run_name=f"{tracking.run_name()}-evaluate", tags=tags)
+    mlflow.log_params(params.as_dict())
+    return experiment_id, run.info.run_id
 
 
 def log_table(table: dict[str, list], artifact_file: str) -> None:
@@ -165,8 +152,11 @@ def log_table(table: dict[str, list], artifact_file: str) -> None:
         mlflow.set_tag(MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
 
 
-def log_evaluation(metrics: dict[str, float], per_class: dict[str, dict[str, float]], matrix: np.ndarray) -> None:
-    """Test metrics, the per-class table and the confusion matrix figure, into the active run."""
+def log_evaluation(
+    metrics: dict[str, float], per_class: dict[str, dict[str, float]], matrix: np.ndarray
+) -> tuple[str, str]:
+    """Test metrics, the per-class table and the confusion matrix figure, into the active run; its
+    (experiment id, run id)."""
     import mlflow
 
     mlflow.log_metrics(metrics)
@@ -175,21 +165,8 @@ def log_evaluation(metrics: dict[str, float], per_class: dict[str, dict[str, flo
         figure = Path(folder) / "confusion_matrix.png"
         confusion_figure(matrix, figure)
         mlflow.log_artifact(str(figure))
-
-
-def record_evaluation(params: Params, model_md5: str) -> Generator[Any, Any, None]:
-    """The evaluation in MLflow, worked in a process of its own (stages/lib/tracking_process.py): reopens
-    the run that trained the model (or starts one) and yields (experiment id, run id); then takes
-    (metrics, per-class metrics, confusion matrix) and logs them; the run ends FINISHED at the end."""
-    experiment_id = tracking.open_experiment(params.mlflow_experiment)
-    for run_id in tracking.close_orphaned_runs(experiment_id):
-        log("evaluate", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
-    with evaluation_run(experiment_id, model_md5, params) as run:
-        import matplotlib.figure  # noqa: F401  (for the figure, imported while the stage predicts)
-
-        metrics, per_class, matrix = yield experiment_id, run.info.run_id
-        log_evaluation(metrics, per_class, matrix)
-        yield None
+    run = mlflow.active_run()
+    return run.info.experiment_id, run.info.run_id
 
 
 def main() -> None:
@@ -197,30 +174,22 @@ def main() -> None:
     params = load_params()
     if not paths.MODEL.is_file():
         raise StageError(f"{paths.MODEL}: file not found (run `dvc repro train` to create it)")
-    with TrackingProcess(record_evaluation, params, tracking.md5(paths.MODEL)) as mlflow_run:
+    with TrackingProcess() as mlflow_process:
+        mlflow_process.post(tracking.open_stage_experiment, "evaluate", params.mlflow_experiment)
+        mlflow_process.post(start_evaluation_run, params, tracking.md5(paths.MODEL))
         import_tensorflow(params.numerics)
-        phase("TensorFlow: import")
         with signals_held():
             model = load_model(paths.MODEL)
-            phase("load the model")
             test = load_examples(paths.PREPARED_TEST, recorded_count(paths.PREPARED_SUMMARY, "test", "count"))
-            phase("data: read the records")
             results = evaluate(model, test)
-            phase("predict the test set")
         matrix = confusion_matrix(test.labels, results["predictions"])
         per_class = per_class_metrics(matrix)
         print(format_report(results, per_class, matrix), flush=True)
         metrics = {"test_loss": results["test_loss"], "test_accuracy": results["test_accuracy"]}
-        experiment_id, run_id = mlflow_run.result()
-        phase("MLflow: wait for its process (import, store, run reopened)")
-        mlflow_run.send((metrics, per_class, matrix))
-        mlflow_run.result()
-        phase("MLflow: wait for metrics, table, figure to be logged")
+        experiment_id, run_id = mlflow_process.call(log_evaluation, metrics, per_class, matrix)
         write_json(paths.PER_CLASS_METRICS, per_class)
         write_confusion_csv(paths.CONFUSION, test.labels, results["predictions"])
         write_json(paths.EVALUATE_METRICS, metrics)
-        phase("write the metrics")
-    phase("MLflow: end the run")
     log(
         "evaluate",
         f"test_accuracy {results['test_accuracy']:.4f} on {len(test.labels)} images; "

@@ -21,10 +21,11 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from stages.common.cli import import_tensorflow, run_stage
+from stages.common.cli import run_stage
 from stages.common.dataset import IMAGE_SHAPE, NUM_CLASSES, Examples
 from stages.common.outputs import write_json
 from stages.common.params import Params, load_params
+from stages.lib.tensorflow_setup import import_tensorflow
 
 BASELINE_MACHINE = Path("data/baseline/machine.json")
 FINGERPRINT_IMAGES = 1000  # ten training steps at the default batch size

@@ -23,11 +23,12 @@ from urllib.parse import urlparse
 import numpy as np
 
 from stages.common import paths
-from stages.common.cli import import_tensorflow, run_stage, signals_held
+from stages.common.cli import run_stage, signals_held
 from stages.common.errors import StageError, first_line
-from stages.evaluate import load_model
 from stages.lib import tracking
 from stages.lib.digit_images import load_image, to_mnist
+from stages.lib.model import load_model
+from stages.lib.tensorflow_setup import import_tensorflow
 
 # On the 10,000 MNIST test images the baseline model (`make repro`, 96.7 % accurate) gives 8.9 % of its answers
 # under 90 %: 71 % of those are right, and 99.2 % of the others (80 % make it 6 % and 61 % against 98.8 %).

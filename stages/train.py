@@ -8,20 +8,20 @@ import math
 import os
 import warnings
 import zipfile
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.common import paths
-from stages.common.cli import Timer, import_tensorflow, log, phase, run_stage, signals_held, stop_requested
+from stages.common.cli import Timer, log, run_stage, signals_held, stop_requested
 from stages.common.dataset import NUM_CLASSES, Examples
-from stages.common.errors import StageError, first_line
 from stages.common.outputs import atomic_output, write_json
 from stages.common.params import Params, load_params
 from stages.lib import tracking
 from stages.lib.input_pipeline import evaluation_dataset, load_examples, recorded_count, training_dataset
 from stages.lib.model import build_model
+from stages.lib.tensorflow_setup import import_tensorflow
 from stages.lib.tracking_process import TrackingProcess
 
 if TYPE_CHECKING:
@@ -39,14 +39,13 @@ FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 FIXED_DATE_SAVED = "1980-01-01@00:00:00"
 
 
-def seed_everything(seed: int, deterministic_ops: bool = True) -> None:
+def seed_everything(seed: int) -> None:
     """Same seed, same data => same weights: seeds Python, NumPy and TensorFlow; deterministic ops."""
     import keras
     import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
-    if deterministic_ops:
-        tf.config.experimental.enable_op_determinism()
+    tf.config.experimental.enable_op_determinism()
 
 
 def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer, steps_per_execution: int) -> None:
@@ -72,15 +71,11 @@ def train(
     train_examples: Examples,
     validation_examples: Examples,
     callbacks: Sequence[keras.callbacks.Callback] = (),
-    deterministic_ops: bool = True,
 ) -> tuple[keras.Model, list[dict[str, float]]]:
-    """Seed, build, compile and fit the model; return it with one row of metrics per epoch (from 1).
-
-    `deterministic_ops=False` only exists to measure what op determinism costs (bench/).
-    """
+    """Seed, build, compile and fit the model; return it with one row of metrics per epoch (from 1)."""
     import keras
 
-    seed_everything(params.seed, deterministic_ops)
+    seed_everything(params.seed)
     model = build_model(params)
     steps = params.epochs * math.ceil(len(train_examples.labels) / params.batch_size)
     optimizer = keras.optimizers.Adam(learning_rate=learning_rate(params, steps))
@@ -179,9 +174,23 @@ def epoch_metrics(logs: dict[str, float]) -> dict[str, float]:
     return {name: float(logs[name]) for name in HISTORY_COLUMNS[1:] if name in logs}
 
 
+def start_training_run(params: Params) -> tuple[str, str]:
+    """Start the training run: its params, where it came from, the data's MD5s. (experiment id, run id)"""
+    import mlflow
+
+    data_tags = {
+        "data.train.md5": tracking.md5(paths.SPLIT_TRAIN),
+        "data.validation.md5": tracking.md5(paths.SPLIT_VALIDATION),
+    }
+    run = tracking.start_run(run_name=tracking.run_name(), tags={**tracking.source_tags(), **data_tags})
+    mlflow.log_params(params.as_dict())
+    return run.info.experiment_id, run.info.run_id
+
+
 def log_model(saved: Path) -> None:
-    """Log the saved model file as an MLflow model (stages/lib/served_model.py) with its signature:
-    10 probabilities out. No input schema: the model checks its input itself (see served_model.py)."""
+    """Log the saved model file as an MLflow model (stages/lib/served_model.py) with its signature, 10
+    probabilities out, and tag the run with the file's MD5. No input schema: the model checks its input
+    itself (see served_model.py)."""
     import mlflow
     import numpy as np
     from mlflow.types import Schema, TensorSpec
@@ -203,96 +212,64 @@ def log_model(saved: Path) -> None:
                 f"mlflow=={version('mlflow')}",
             ],
         )
+    mlflow.set_tag(tracking.MODEL_TAG, tracking.md5(saved))
 
 
-def record_training(params: Params) -> Generator[Any, Any, None]:
-    """The training run in MLflow, worked in a process of its own (stages/lib/tracking_process.py): opens
-    the store, then waits to be told that the data is good (a bad input records no run); starts the run
-    with the params and tags and yields (experiment id, run id); then takes each epoch's metrics as
-    (epoch, metrics); then the saved model's md5, which it logs; FINISHED at the end."""
-    import mlflow
+def read_split() -> tuple[Examples, Examples]:
+    """The training and validation records, checked against the counts split wrote."""
+    return tuple(
+        load_examples(path, recorded_count(paths.SPLIT_SUMMARY, name))
+        for path, name in ((paths.SPLIT_TRAIN, "train"), (paths.SPLIT_VALIDATION, "validation"))
+    )
 
-    experiment_id = tracking.open_experiment(params.mlflow_experiment)
-    for run_id in tracking.close_orphaned_runs(experiment_id):
-        log("train", f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
-    yield None
-    with tracking.recorded_run(experiment_id=experiment_id, run_name=tracking.run_name()) as run:
-        mlflow.log_params(params.as_dict())
-        mlflow.set_tags(
-            {
-                **tracking.source_tags(),
-                "data.train.md5": tracking.md5(paths.SPLIT_TRAIN),
-                "data.validation.md5": tracking.md5(paths.SPLIT_VALIDATION),
-            }
-        )
-        received = yield experiment_id, run.info.run_id
-        while isinstance(received, tuple):
-            epoch, metrics = received
-            try:
-                mlflow.log_metrics(metrics, step=epoch)
-            except Exception as exc:  # after MLflow's retries
-                raise StageError(
-                    f"MLflow: logged data did not reach {tracking.tracking_uri()}: {first_line(exc)}"
-                ) from exc
-            received = yield None
-        log_model(paths.MODEL)
-        mlflow.set_tag(tracking.MODEL_TAG, received)
-        yield None
+
+def train_metrics(params: Params, history: list[dict[str, float]]) -> dict[str, float]:
+    """metrics/train.json: the epochs asked for and the metrics of the epoch the model keeps (with early
+    stopping, which one)."""
+    kept = kept_epoch(params, history)
+    stopped = {"kept_epoch": kept["epoch"]} if params.early_stopping_patience else {}
+    return {"epochs": params.epochs, **stopped, **{name: kept[name] for name in HISTORY_COLUMNS[1:]}}
 
 
 def main() -> None:
     timer = Timer()
     params = load_params()
-    with TrackingProcess(record_training, params) as mlflow_run:
+    with TrackingProcess() as mlflow_process:
+        mlflow_process.post(tracking.open_stage_experiment, "train", params.mlflow_experiment)
         import_tensorflow(params.numerics)
         import keras
 
-        phase("TensorFlow: import")
         with signals_held():
-            train_examples = load_examples(paths.SPLIT_TRAIN, recorded_count(paths.SPLIT_SUMMARY, "train"))
-            validation_examples = load_examples(
-                paths.SPLIT_VALIDATION, recorded_count(paths.SPLIT_SUMMARY, "validation")
-            )
-        phase("data: read the records")
-        log(
-            "train",
-            f"{len(train_examples.labels)} train / {len(validation_examples.labels)} validation records "
-            f"loaded in {timer}",
-        )
-        mlflow_run.send()  # the data is good: start the run
-        experiment_id, run_id = mlflow_run.result()  # training starts once the run is recorded
-        phase("MLflow: wait for its process (import, store, run started)")
+            train_examples, validation_examples = read_split()
+        counts = f"{len(train_examples.labels)} train / {len(validation_examples.labels)} validation"
+        log("train", f"{counts} records loaded in {timer}")
+        # Only now: a bad input records no run, and a store that refuses us costs no training.
+        experiment_id, run_id = mlflow_process.call(start_training_run, params)
 
         def epoch_ended(epoch: int, logs: dict[str, float]) -> None:
-            mlflow_run.send((epoch + 1, epoch_metrics(logs)))
+            metrics = epoch_metrics(logs)
+            mlflow_process.post(tracking.log_epoch, epoch + 1, metrics)
             if os.environ.get(tracking.EPOCH_JSON_ENV):
-                print(tracking.EPOCH_LINE_PREFIX + json.dumps({"epoch": epoch + 1, **epoch_metrics(logs)}), flush=True)
-            phase(f"epoch {epoch + 1}")
+                print(tracking.EPOCH_LINE_PREFIX + json.dumps({"epoch": epoch + 1, **metrics}), flush=True)
 
         with signals_held():  # a signal stops training at the end of the epoch, then is raised
             model, history = train(
                 params, train_examples, validation_examples, [keras.callbacks.LambdaCallback(on_epoch_end=epoch_ended)]
             )
-        with signals_held():
             save_model(model, paths.MODEL)
-            phase("save the model")
-        model_md5 = tracking.md5(paths.MODEL)
-        mlflow_run.send(model_md5)
-        mlflow_run.result()
-        phase("MLflow: wait for the epochs' metrics and the model to be logged")
+        try:
+            mlflow_process.call(log_model, paths.MODEL)
+        except BaseException:
+            paths.MODEL.unlink()  # no model without its record in MLflow, and no metrics: nothing half-written
+            raise
         write_history(paths.TRAIN_HISTORY, history)
-        kept = kept_epoch(params, history)
-        final = {name: kept[name] for name in HISTORY_COLUMNS[1:]}
-        # With early stopping, also which epoch's weights (and metrics) the model has; without, unchanged.
-        stopped = {"kept_epoch": kept["epoch"]} if params.early_stopping_patience else {}
-        write_json(paths.TRAIN_METRICS, {"epochs": params.epochs, **stopped, **final})
-        phase("write the metrics")
-    phase("MLflow: end the run")
+        final = train_metrics(params, history)
+        write_json(paths.TRAIN_METRICS, final)
     log(
         "train",
         f"{params.epochs} epoch{'s' if params.epochs > 1 else ''}: "
         f"val_accuracy {final['val_accuracy']:.4f}, val_loss {final['val_loss']:.4f}; "
-        f"wrote {paths.MODEL} (md5 {model_md5}); MLflow run {run_id} in {timer}",
+        f"wrote {paths.MODEL} (md5 {tracking.md5(paths.MODEL)}); MLflow run {run_id} in {timer}",
     )
     tracking.log_run_page("train", experiment_id, run_id)
 

@@ -257,8 +257,8 @@ def test_digits_read_from_image_files_are_predicted_as_well_as_the_originals(tmp
     """1200 MNIST test digits as PNG/JPEG files of other sizes, offsets and polarities, and photographed in
     light fading across the page: predict's accuracy through the command is within one point of the
     model's on the original 28x28 digits."""
-    from stages.common.cli import import_tensorflow
     from stages.lib.mnist_sources import load_idx
+    from stages.lib.tensorflow_setup import import_tensorflow
     from stages.train import save_model, train
 
     import_tensorflow()

@@ -1,5 +1,5 @@
-"""stages/lib/tracking_process.py: a stage's MLflow work in a process of its own. The works below stand in
-for train's and evaluate's (which the stage tests run for real): each writes what it saw to a file."""
+"""stages/lib/tracking_process.py: a stage's MLflow functions run in a process of their own. The functions
+below stand in for train's and evaluate's (which the stage tests run for real): each notes what it did."""
 
 from __future__ import annotations
 
@@ -15,125 +15,169 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from stages.common import paths
 from stages.common.cli import Terminated
 from stages.common.errors import StageError
-from stages.common.params import load_params
-from stages.lib.tracking_process import TrackingProcess
-from stages.train import record_training
+from stages.lib import tracking
+from stages.lib.tracking_process import WAIT_ENV, TrackingProcess
 from tests.e2e import started
 
 
-def noting(log: Path, *what) -> None:
+def note(log: str, *what) -> int:
     with open(log, "a") as file:
         file.write(json.dumps([str(item) for item in what]) + "\n")
+    return os.getpid()
 
 
 def notes(log: Path) -> list[list[str]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def echoing_work(log: Path):
-    """Yields its pid, then the double of each number sent; notes whatever is raised at its yield."""
-    noting(log, "started", os.getpid())
-    received = yield os.getpid()
-    try:
-        while received is not None:
-            noting(log, "received", received)
-            received = yield received * 2
-    except BaseException as exc:
-        noting(log, "raised at its yield", type(exc).__name__)
-        raise
-    noting(log, "finished")
-    return "done"
+def double(number: int) -> int:
+    return number * 2
 
 
-def failing_work(message: str):
-    yield None
+def refuse(message: str) -> None:
     raise StageError(message)
 
 
-def test_values_go_in_order_and_the_last_yielded_comes_back(tmp_path):
+def divide_by_zero() -> float:
+    return 1 / 0
+
+
+def start_run_in(experiment: str) -> str:
+    tracking.open_stage_experiment("test", experiment)
+    return tracking.start_run().info.run_id
+
+
+def run_status(root: Path, run_id: str) -> str:
+    return mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(run_id).info.status
+
+
+def test_functions_run_there_in_order_posted_ones_without_waiting(tmp_path):
     log = tmp_path / "log"
-    with TrackingProcess(echoing_work, log) as work:
-        pid = work.result()
-        for number in (1, 2, 3):
-            work.send(number)
-        assert work.result() == 6  # what it yielded last, after taking everything sent
+    with TrackingProcess() as mlflow_process:
+        mlflow_process.post(note, str(log), "first")
+        mlflow_process.post(note, str(log), "second")
+        pid = mlflow_process.call(note, str(log), "third")
+        assert mlflow_process.call(double, 21) == 42
     assert pid != os.getpid()
-    assert notes(log) == [["started", str(pid)], ["received", "1"], ["received", "2"], ["received", "3"], ["finished"]]
+    assert notes(log) == [["first"], ["second"], ["third"]]
 
 
-def test_its_stage_error_reaches_the_stage_as_one(tmp_path):
-    message = "MLflow tracking store x is unreachable"
-    with pytest.raises(StageError, match=f"^{message}$"), TrackingProcess(failing_work, message) as work:
-        work.send()
-        work.send()  # after it failed: dropped, not an error of its own
-        work.result()
-
-
-@pytest.mark.parametrize(
-    "exception, seen", [(KeyboardInterrupt(), "KeyboardInterrupt"), (ValueError("bad"), "StageError")]
-)
-def test_the_stages_exception_is_raised_at_its_yield_and_the_stage_keeps_its_own(tmp_path, exception, seen):
+def test_a_posted_functions_error_reaches_the_next_call_and_nothing_else_runs_after_it(tmp_path):
     log = tmp_path / "log"
-    with pytest.raises(type(exception)), TrackingProcess(echoing_work, log) as work:
-        work.send(1)
-        work.result()
+    with pytest.raises(StageError, match="^MLflow tracking store x is unreachable$"), TrackingProcess() as process:
+        process.post(refuse, "MLflow tracking store x is unreachable")
+        process.post(note, str(log), "after the error")
+        process.call(double, 1)
+    assert notes(log) == []
+
+
+def test_a_bug_there_is_one_line_here_and_its_traceback_there(capfd):
+    with pytest.raises(StageError) as error, TrackingProcess() as mlflow_process:
+        mlflow_process.call(divide_by_zero)
+    assert str(error.value).endswith(": division by zero")
+    assert "\n" not in str(error.value)
+    assert "Traceback" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("exception, status", [(KeyboardInterrupt(), "KILLED"), (ValueError("bad"), "FAILED")])
+def test_the_stages_exception_ends_the_run_and_the_stage_keeps_its_own(stage_root, exception, status):
+    with pytest.raises(type(exception)), TrackingProcess() as mlflow_process:
+        run_id = mlflow_process.call(start_run_in, "tests")
         raise exception
-    # KeyboardInterrupt and Terminated as they are (the run ends KILLED), anything else as a StageError (FAILED)
-    assert notes(log)[-1] == ["raised at its yield", seen]
+    assert run_status(stage_root, run_id) == status
+
+
+def test_a_call_unanswered_within_the_wait_fails_in_one_line_naming_the_store(stage_root, monkeypatch):
+    monkeypatch.setenv(WAIT_ENV, "1")
+    began = time.monotonic()
+    with pytest.raises(StageError) as error, TrackingProcess() as mlflow_process:
+        mlflow_process.call(time.sleep, 60)
+    assert time.monotonic() - began < 20
+    assert str(error.value) == (
+        f"MLflow tracking store {tracking.tracking_uri()} did not answer within 1 s "
+        f"(set {WAIT_ENV} to wait longer); run the stage again once it answers"
+    )
+
+
+def test_a_bad_wait_setting_is_one_line(monkeypatch):
+    monkeypatch.setenv(WAIT_ENV, "soon")
+    with pytest.raises(StageError, match=f"^{WAIT_ENV} must be a number of seconds > 0, got 'soon'$"):
+        TrackingProcess()
 
 
 STAGE = """
 import sys, time
-from pathlib import Path
+from stages.common.cli import run_stage
 from stages.lib.tracking_process import TrackingProcess
-from tests.test_tracking_process import echoing_work
-with TrackingProcess(echoing_work, Path(sys.argv[1])) as work:
-    pid = work.result()
-    work.send(1)
-    work.result()
-    print("pid", pid, flush=True)
-    while True:
-        time.sleep(0.1)
+from tests.test_tracking_process import start_run_in
+
+def main():
+    with TrackingProcess() as mlflow_process:
+        run_id = mlflow_process.call(start_run_in, "tests")
+        pid = mlflow_process.call(__import__("os").getpid)
+        print("run", run_id, "process", pid, flush=True)
+        mlflow_process.call(time.sleep, 600)  # a store that hangs
+
+run_stage("demo", "", main, [])
 """
 
 
-def test_it_ignores_sigint_and_sigterm_and_ends_its_work_when_the_stage_dies(tmp_path):
-    log = tmp_path / "log"
-    with started([sys.executable, "-c", STAGE, str(log)], Path.cwd()) as stage:
-        pid = int(stage.lines[stage.wait_for_line("pid ")].split()[1])  # the tracking process's
+def test_a_signal_during_a_wait_stops_the_stage_at_once_and_the_process_ignores_signals(stage_root, stage_env):
+    with started([sys.executable, "-c", STAGE], stage_root, stage_env(stage_root)) as stage:
+        words = stage.lines[stage.wait_for_line("run ")].split()
+        run_id, pid = words[1], int(words[3])
         os.kill(pid, signal.SIGINT)
         os.kill(pid, signal.SIGTERM)
-        time.sleep(1)
-        assert notes(log) == [["started", str(pid)], ["received", "1"]]  # still running, its work untouched
+        time.sleep(0.5)
+        assert Path(f"/proc/{pid}").exists()  # ignored both
+        began = time.monotonic()
+        stage.process.send_signal(signal.SIGINT)
+        output = stage.finish(timeout=30)
+    assert time.monotonic() - began < 10  # the end of the run waits 5 s at the most
+    assert stage.process.returncode == 130
+    assert output.splitlines()[-1] == "demo: interrupted (SIGINT)"
+    assert not Path(f"/proc/{pid}").exists()
+    # It was busy sleeping, so the run could not be ended: the next stage on this host marks it KILLED.
+    assert run_status(stage_root, run_id) == "RUNNING"
+    tracking.open_stage_experiment("test", "tests")
+    assert run_status(stage_root, run_id) == "KILLED"
+
+
+def test_when_the_stage_is_killed_the_process_ends_its_run_killed(stage_root, stage_env):
+    script = STAGE.replace("mlflow_process.call(time.sleep, 600)", "time.sleep(600)")
+    with started([sys.executable, "-c", script], stage_root, stage_env(stage_root)) as stage:
+        words = stage.lines[stage.wait_for_line("run ")].split()
+        run_id, pid = words[1], int(words[3])
         stage.process.send_signal(signal.SIGKILL)
         stage.finish(timeout=30)
         deadline = time.monotonic() + 30
-        while len(notes(log)) < 3 and time.monotonic() < deadline:
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-    assert notes(log)[-1] == ["raised at its yield", Terminated.__name__]
-    for _ in range(50):  # then it exits
-        if not Path(f"/proc/{pid}").exists():
-            break
-        time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists()
+    assert run_status(stage_root, run_id) == "KILLED"
 
 
-def test_training_metrics_the_store_does_not_take_fail_the_stage_in_one_line_and_the_run_failed(stage_root):
-    for name in (paths.SPLIT_TRAIN, paths.SPLIT_VALIDATION):  # only hashed into the run's tags
-        (stage_root / name).parent.mkdir(parents=True, exist_ok=True)
-        (stage_root / name).write_bytes(b"records")
-    with pytest.raises(StageError) as error, TrackingProcess(record_training, load_params()) as work:
-        work.send()
-        _, run_id = work.result()
-        work.send((1, {"loss": 0.5}))
-        work.result()
-        with contextlib.closing(sqlite3.connect(stage_root / "mlflow.db")) as database, database:
-            database.execute("DROP TABLE metrics")  # the store breaks under the running stage
-        work.send((2, {"loss": 0.4}))
-        work.result()
-    assert str(error.value).startswith(f"MLflow: logged data did not reach sqlite:///{stage_root}/mlflow.db")
+def log_epoch_after_breaking_the_store(root: str, epoch: int) -> None:
+    with contextlib.closing(sqlite3.connect(f"{root}/mlflow.db")) as database, database:
+        database.execute("DROP TABLE metrics")  # the store breaks under the running stage
+    tracking.log_epoch(epoch, {"loss": 0.4})
+
+
+def test_metrics_the_store_does_not_take_fail_the_stage_in_one_line_and_the_run_failed(stage_root):
+    with pytest.raises(StageError) as error, TrackingProcess() as mlflow_process:
+        run_id = mlflow_process.call(start_run_in, "tests")
+        mlflow_process.post(tracking.log_epoch, 1, {"loss": 0.5})
+        mlflow_process.post(log_epoch_after_breaking_the_store, str(stage_root), 2)
+        mlflow_process.call(double, 1)
+    assert str(error.value).startswith(f"MLflow tracking store sqlite:///{stage_root}/mlflow.db")
     assert "\n" not in str(error.value)
-    assert mlflow.MlflowClient().get_run(run_id).info.status == "FAILED"
+    assert run_status(stage_root, run_id) == "FAILED"
+
+
+def test_terminated_counts_as_killed(stage_root):
+    with pytest.raises(Terminated), TrackingProcess() as mlflow_process:
+        run_id = mlflow_process.call(start_run_in, "tests")
+        raise Terminated("SIGTERM")
+    assert run_status(stage_root, run_id) == "KILLED"

@@ -16,6 +16,7 @@ from stages.common.cli import Terminated
 from stages.common.errors import StageError
 from stages.common.params import parse_params
 from stages.lib import tracking
+from stages.lib.model import load_model
 from stages.train import HISTORY_COLUMNS, save_model, train
 from tests.conftest import (
     EPOCH_METRICS,
@@ -107,11 +108,11 @@ def test_confusion_matrix_and_per_class_metrics_by_hand():
 
 def test_load_model_errors_name_the_file(tmp_path):
     with pytest.raises(StageError, match="file not found"):
-        evaluate.load_model(tmp_path / "absent.keras")
+        load_model(tmp_path / "absent.keras")
     broken = tmp_path / "broken.keras"
     broken.write_bytes(b"not a zip")
     with pytest.raises(StageError, match="not a loadable Keras model") as error:
-        evaluate.load_model(broken)
+        load_model(broken)
     assert str(broken) in str(error.value) and "\n" not in str(error.value)
 
 
@@ -176,7 +177,7 @@ def test_recorded_run_always_ends_with_the_matching_status(experiment, exception
     def stage():
         with tracking.recorded_run(experiment_id=experiment_id) as run:
             started.append(run.info.run_id)
-            mlflow.log_metrics({"loss": 0.5}, step=1, synchronous=False)
+            mlflow.log_metrics({"loss": 0.5}, step=1)
             if exception is not None:
                 raise exception
 
@@ -188,8 +189,7 @@ def test_recorded_run_always_ends_with_the_matching_status(experiment, exception
     [run_id] = started
     assert mlflow.active_run() is None
     assert client.get_run(run_id).info.status == status
-    if exception is None:  # async logging flushed before the run is marked finished
-        assert [m.value for m in client.get_metric_history(run_id, "loss")] == [0.5]
+    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [0.5]
 
 
 def training_run(experiment_id, model_md5, evaluated=False, host=None):
@@ -254,18 +254,19 @@ def test_the_run_shown_prefers_this_hosts_evaluated_run_then_the_newest_and_else
     assert tracking.find_evaluated_run(experiment_id, "2" * 32) is None
 
 
-def log_evaluation_of(labels, predictions):
-    """evaluate.log_evaluation of these labels and predictions, with test_accuracy 0.5."""
+def evaluated(model_md5, labels, predictions):
+    """evaluate's MLflow side for the model with `model_md5`, with test_accuracy 0.5; the run's id."""
+    _, run_id = evaluate.start_evaluation_run(dataclasses.replace(SMALL, mlflow_experiment="tests"), model_md5)
     matrix = evaluate.confusion_matrix(np.array(labels), np.array(predictions))
-    evaluate.log_evaluation({"test_accuracy": 0.5}, evaluate.per_class_metrics(matrix), matrix)
+    assert evaluate.log_evaluation({"test_accuracy": 0.5}, evaluate.per_class_metrics(matrix), matrix)[1] == run_id
+    tracking.end_run()
+    return run_id
 
 
 def test_evaluation_is_recorded_in_the_training_run(experiment):
     experiment_id, client = experiment
     trained = training_run(experiment_id, "f" * 32)
-    with evaluate.evaluation_run(experiment_id, "f" * 32, SMALL) as run:
-        log_evaluation_of([1, 2], [1, 1])
-    assert run.info.run_id == trained
+    assert evaluated("f" * 32, [1, 2], [1, 1]) == trained
     recorded = client.get_run(trained)
     assert recorded.data.metrics["test_accuracy"] == 0.5
     assert recorded.info.status == "FINISHED"
@@ -280,8 +281,7 @@ def test_evaluating_a_run_again_replaces_its_per_class_table_and_lists_it_once(e
     trained = training_run(experiment_id, "2" * 32)
     client.set_tag(trained, "mlflow.loggedArtifacts", json.dumps([{"path": "other.json", "type": "table"}]))
     for predictions in ([0, 0, 0], [0, 1, 2]):
-        with evaluate.evaluation_run(experiment_id, "2" * 32, SMALL):
-            log_evaluation_of([0, 1, 2], predictions)
+        evaluated("2" * 32, [0, 1, 2], predictions)
     table = mlflow.artifacts.load_dict(f"runs:/{trained}/per_class.json")
     assert [row[0] for row in table["data"]] == list(range(10))
     assert [row[2] for row in table["data"][:3]] == [1.0, 1.0, 1.0]  # recall of the second evaluation
@@ -292,23 +292,10 @@ def test_evaluating_a_run_again_replaces_its_per_class_table_and_lists_it_once(e
     assert loaded["digit"].tolist() == list(range(10))
 
 
-@pytest.mark.parametrize(
-    "exception, status", [(StageError("corrupt test file"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
-)
-def test_a_failed_evaluation_marks_the_training_run_as_not_complete(experiment, exception, status):
-    experiment_id, client = experiment
-    trained = training_run(experiment_id, "1" * 32)
-    with pytest.raises(type(exception)), evaluate.evaluation_run(experiment_id, "1" * 32, SMALL):
-        raise exception
-    assert client.get_run(trained).info.status == status
-
-
 def test_evaluation_of_a_model_no_run_here_trained_gets_its_own_run(experiment, monkeypatch):
     experiment_id, client = experiment
     monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
-    with evaluate.evaluation_run(experiment_id, "9" * 32, SMALL) as run:
-        log_evaluation_of([3], [3])
-    recorded = client.get_run(run.info.run_id)
+    recorded = client.get_run(evaluated("9" * 32, [3], [3]))
     assert recorded.info.run_name == "exp-a-evaluate"
     assert recorded.data.tags[tracking.EVALUATED_MODEL_TAG] == "9" * 32
     assert tracking.MODEL_TAG not in recorded.data.tags  # so it is never taken for a training run

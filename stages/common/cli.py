@@ -1,23 +1,18 @@
-"""The thin command-line layer every stage shares: one-line errors, exit codes, signals, quiet TensorFlow."""
+"""The thin command-line layer every stage shares: one-line errors, exit codes, signals, progress lines."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.abc
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from types import FrameType, ModuleType
+from types import FrameType
 
 from stages.common import paths
 from stages.common.errors import StageError
-
-# TensorFlow's C++ logs (oneDNN notices, CUDA probing on CPU-only machines) are noise in
-# stage logs; real failures still surface as Python exceptions. Set it to 0 to see them.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 class Terminated(BaseException):
@@ -64,78 +59,6 @@ def stop_requested() -> bool:
     return _held_signal is not None
 
 
-# What `numerics: portable` sets before TensorFlow loads (docs/determinism.md). TensorFlow picks
-# kernels by CPU at run time: oneDNN's ops where the CPU has AVX-512 VNNI/BF16 or AMX, and a
-# oneDNN matrix-multiply kernel inside its own ops, each dispatched on the instruction set. Off,
-# Eigen's kernels compiled into the wheel do all the arithmetic, on one thread (more threads
-# split the sums differently, so the bits would depend on the number of cores).
-PORTABLE_KERNELS = {"TF_ENABLE_ONEDNN_OPTS": "0", "TENSORFLOW_USE_CUSTOM_CONTRACTION_KERNEL": "0"}
-PORTABLE_THREADS = 1
-
-
-# Keras imports these whenever they are installed (MLflow brings them), for its scikit-learn wrappers
-# and plotting utilities, which no stage uses: about 1 s of every TensorFlow import (docs/speed.md).
-KERAS_OPTIONAL_MODULES = ("sklearn", "matplotlib")
-
-
-class _HiddenModules(importlib.abc.MetaPathFinder):
-    """While installed first in sys.meta_path: these top-level packages look not installed."""
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        self.names = names
-
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> None:
-        if fullname.partition(".")[0] in self.names:
-            raise ModuleNotFoundError(f"No module named {fullname!r} (hidden while TensorFlow loads)", name=fullname)
-        return None
-
-
-def import_tensorflow(numerics: str = "portable") -> ModuleType:
-    """Import TensorFlow, its C++ banner silenced (it ignores the setting above), with the CPU
-    kernels that `numerics` names: "portable", the same bits on any CPU; "native", TensorFlow's
-    defaults. Only the call that imports TensorFlow chooses (a process's kernels are fixed once
-    TensorFlow runs): the stages call it first thing."""
-    if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"]
-    if numerics == "portable":
-        os.environ.update(PORTABLE_KERNELS)
-    saved_stderr = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    hidden = _HiddenModules(tuple(name for name in KERAS_OPTIONAL_MODULES if name not in sys.modules))
-    sys.meta_path.insert(0, hidden)
-    try:
-        import tensorflow
-    finally:
-        sys.meta_path.remove(hidden)
-        os.dup2(saved_stderr, 2)
-        os.close(saved_stderr)
-        os.close(devnull)
-    if numerics == "portable":
-        tensorflow.config.threading.set_intra_op_parallelism_threads(PORTABLE_THREADS)
-    return tensorflow
-
-
-# Where a stage's time goes, for bench/phases.py: with MNIST_PHASE_LOG set, each stage appends one line
-# "<unix time>\t<stage>\t<phase>" per phase it ends (its process start, "imports", ..., "exit").
-PHASE_LOG = "MNIST_PHASE_LOG"
-_stage_name = ""
-
-
-def phase(name: str) -> None:
-    """Mark the end of phase `name` of the running stage (nothing unless MNIST_PHASE_LOG is set)."""
-    if os.environ.get(PHASE_LOG):
-        with open(os.environ[PHASE_LOG], "a") as marks:
-            marks.write(f"{time.time():.3f}\t{_stage_name}\t{name}\n")
-
-
-def _process_start_time() -> float:
-    """When this process started (Linux; within 10 ms), so that the interpreter's start-up counts."""
-    with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
-        started_after_boot = int(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-        return time.time() - (float(uptime.read().split()[0]) - started_after_boot)
-
-
 def log(stage: str, message: str) -> None:
     # One write per line: print() writes the text and the newline apart, and threads (stages.tune's)
     # could then write into each other's lines.
@@ -172,12 +95,6 @@ def run_stage(
     )
     if arguments is not None:
         arguments(parser)
-    global _stage_name
-    _stage_name = name
-    if os.environ.get(PHASE_LOG):
-        with open(os.environ[PHASE_LOG], "a") as marks:
-            marks.write(f"{_process_start_time():.3f}\t{name}\tstart\n")
-        phase("python and the stage's modules")
     parsed = vars(parser.parse_args(argv))
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -185,7 +102,6 @@ def run_stage(
         main(**parsed)
         sys.stdout.flush()
         sys.stderr.flush()
-        phase("end")
         os._exit(0)
     except StageError as exc:
         _fail(name, f"error: {exc}", 1)

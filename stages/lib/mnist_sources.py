@@ -104,7 +104,7 @@ def load_idx(raw_dir: Path = RAW_DIR, expected_sha256: dict[str, str] = PINNED_S
 
 def load_tfds(data_dir: str | None) -> Dataset:
     """`tfds.load('mnist', as_supervised=True)`, as the notebook does; downloads if not cached."""
-    from stages.common.cli import import_tensorflow
+    from stages.lib.tensorflow_setup import import_tensorflow
 
     import_tensorflow()  # tfds imports it: silence its banner here too
     import tensorflow_datasets as tfds

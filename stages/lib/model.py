@@ -1,4 +1,4 @@
-"""The network, built from params: the one model builder every caller uses.
+"""The network, built from params (the one model builder every caller uses), or loaded from its file.
 
 With the default params it is the notebook's: flatten -> 2 x Dense(50, relu) -> Dense(10, softmax).
 The model takes raw uint8 pixels and scales them itself, so a served model cannot be fed the
@@ -7,9 +7,11 @@ wrong scale; augmentation layers are part of it too, and only act in training.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stages.common.dataset import IMAGE_SHAPE, NUM_CLASSES
+from stages.common.errors import StageError, first_line
 from stages.common.params import Params
 
 if TYPE_CHECKING:
@@ -46,3 +48,14 @@ def build_model(params: Params) -> keras.Model:
             layers.append(keras.layers.Dropout(params.dropout, seed=params.seed, name=f"dropout_{i + 1}"))
     layers.append(keras.layers.Dense(NUM_CLASSES, activation="softmax", name="output"))
     return keras.Sequential(layers, name="mnist_dnn")
+
+
+def load_model(path: Path) -> keras.Model:
+    import keras
+
+    if not Path(path).is_file():
+        raise StageError(f"{path}: file not found (run `dvc repro train` to create it)")
+    try:
+        return keras.models.load_model(path)
+    except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors... for a bad file
+        raise StageError(f"{path}: not a loadable Keras model: {first_line(exc)}") from exc

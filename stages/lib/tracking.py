@@ -267,30 +267,59 @@ def close_orphaned_runs(experiment_id: str) -> list[str]:
     return orphans
 
 
-@contextlib.contextmanager
-def recorded_run(
-    run_id: str | None = None, tags: dict[str, str] | None = None, **start_run_args: Any
-) -> Iterator[mlflow.ActiveRun]:
-    """Start a run (or reopen `run_id`) that always ends: FINISHED, FAILED, or KILLED on SIGINT/SIGTERM."""
+def open_stage_experiment(stage: str, experiment_name: str) -> str:
+    """For a stage: open the store and make the experiment the active one; mark KILLED the runs that killed
+    stages on this host left RUNNING. Returns the experiment's id."""
+    import mlflow
+
+    experiment_id = open_experiment(experiment_name)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    for run_id in close_orphaned_runs(experiment_id):
+        log(stage, f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
+    return experiment_id
+
+
+def start_run(run_id: str | None = None, tags: dict[str, str] | None = None, **start_run_args: Any) -> mlflow.ActiveRun:
+    """Start a run (or reopen `run_id`), tagged with the process that holds it open."""
     import mlflow
 
     try:
         if run_id is None:
-            run = mlflow.start_run(tags={**_owner_tags(), **(tags or {})}, **start_run_args)
-        else:
-            # Claim the run before it shows as RUNNING again, so close_orphaned_runs leaves it alone.
-            for key, value in _owner_tags().items():
-                mlflow.MlflowClient().set_tag(run_id, key, value)
-            run = mlflow.start_run(run_id=run_id)
+            return mlflow.start_run(tags={**_owner_tags(), **(tags or {})}, **start_run_args)
+        # Claim the run before it shows as RUNNING again, so close_orphaned_runs leaves it alone.
+        for key, value in _owner_tags().items():
+            mlflow.MlflowClient().set_tag(run_id, key, value)
+        return mlflow.start_run(run_id=run_id)
     except mlflow.exceptions.MlflowException as exc:
         raise StageError(f"MLflow: cannot start a run in {tracking_uri()}: {first_line(exc)}") from exc
+
+
+def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+    import mlflow
+
+    mlflow.log_metrics(metrics, step=epoch)
+
+
+def end_run(status: str = "FINISHED") -> None:
+    """End the active run, if there is one, with `status`."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.end_run(status)
+
+
+@contextlib.contextmanager
+def recorded_run(
+    run_id: str | None = None, tags: dict[str, str] | None = None, **start_run_args: Any
+) -> Iterator[mlflow.ActiveRun]:
+    """A run (see start_run) that always ends: FINISHED, FAILED, or KILLED on SIGINT/SIGTERM."""
+    run = start_run(run_id, tags, **start_run_args)
     status = "FAILED"
     try:
         yield run
-        mlflow.flush_async_logging()
         status = "FINISHED"
     except (KeyboardInterrupt, Terminated):
         status = "KILLED"
         raise
     finally:
-        mlflow.end_run(status)
+        end_run(status)

@@ -1,21 +1,26 @@
 """MLflow in a process of its own, beside the stage that records into it (train, evaluate).
 
 Importing MLflow and opening its store take about 2 s of single-threaded Python, and so does importing
-TensorFlow; in one process they cannot overlap (the GIL). So these stages hand their MLflow work to a
-second process, which does it on the other core while the stage imports TensorFlow and reads its data
-(docs/speed.md has the figures).
+TensorFlow; in one process they cannot overlap (the GIL). So these stages run their MLflow functions in a
+second process, on the other core, while they import TensorFlow and read their data (docs/speed.md):
 
-The work is a generator function of the stage (`train.record_training`, say), run in that process:
-- it runs up to its first `yield` at once;
-- `send(value)` resumes it with `value` at that `yield`, without waiting for it;
-- `result()` waits until it has taken everything sent, and returns what it last yielded, or raises what
-  it raised (a StageError stays one, so its one-line message reaches the user);
-- leaving the `with` block finishes it: normally, by resuming it with None (its run ends FINISHED); on
-  an exception, by raising the exception at its `yield` (its `tracking.recorded_run` ends the run KILLED
-  on SIGINT/SIGTERM, else FAILED).
+    with TrackingProcess() as mlflow_process:
+        mlflow_process.post(tracking.open_stage_experiment, "train", name)  # returns at once
+        ...                                                  # import TensorFlow, read the data
+        run_id = mlflow_process.call(start_training_run, params)  # waits for the answer
+        mlflow_process.post(tracking.log_epoch, 1, metrics)  # returns at once
+        mlflow_process.call(log_model, path)                 # raises the first error of anything before it
 
-The process never receives SIGINT or SIGTERM: the stage decides what a signal means and tells it, as
-above. If the stage dies (SIGKILL, a crash), the work gets Terminated at its `yield`: the run ends KILLED.
+- The functions run one at a time, in the order given; they must be module-level functions of ours (they
+  are sent by name), whose MLflow state (the active run) stays in that process.
+- An error there reaches the stage as one line (a StageError); a bug's traceback is printed there too.
+- `call` waits at most `wait_seconds()` for its answer (an MLflow client retries a dead server for about
+  8 minutes): then the stage fails in one line that names the tracking store, and the process is killed.
+- While the stage waits, Ctrl-C and SIGTERM reach it at once. The process itself ignores both.
+- Leaving the block ends the run open there: FINISHED, else KILLED on SIGINT/SIGTERM and FAILED on
+  anything else, waiting for that at most END_SECONDS. If the stage dies (SIGKILL), the run ends KILLED.
+  A run that could not be ended (its store unreachable) is marked KILLED by the next stage on this host
+  (tracking.close_orphaned_runs).
 """
 
 from __future__ import annotations
@@ -25,58 +30,63 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 import traceback
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 from stages.common.cli import Terminated
 from stages.common.errors import StageError, first_line
+from stages.lib import tracking
 
-Work = Callable[..., Generator[Any, Any, Any]]
+WAIT_ENV = "MNIST_TRACKING_WAIT"  # seconds a call waits for the tracking store (default WAIT_SECONDS)
+WAIT_SECONDS = 180.0
+END_SECONDS = 5.0  # after a failure or a signal: how long the run's end may take before the process is killed
+# Libraries whose exceptions mean the store or the server, not our code: one line, no traceback.
+STORE_ERRORS_FROM = ("mlflow", "requests", "urllib3", "sqlalchemy", "sqlite3", "psycopg")
+
+
+def wait_seconds() -> float:
+    value = os.environ.get(WAIT_ENV, "")
+    try:
+        seconds = float(value) if value else WAIT_SECONDS
+    except ValueError:
+        seconds = 0
+    if not seconds > 0:
+        raise StageError(f"{WAIT_ENV} must be a number of seconds > 0, got {value!r}")
+    return seconds
 
 
 class TrackingProcess:
-    """Runs `work(*args)` in a new process (see the module's docstring)."""
+    """Runs our MLflow functions in a process of its own (see the module's docstring)."""
 
-    def __init__(self, work: Work, *args: Any) -> None:
+    def __init__(self) -> None:
+        self.wait = wait_seconds()
         # spawn, not fork: the stage may already run threads (TensorFlow's, in tests), which fork can't copy.
         context = multiprocessing.get_context("spawn")
         self._connection, their_end = context.Pipe()
-        # Ignored while it starts (for a few milliseconds here): a new process inherits "ignored", and then
-        # ignores them from its first instruction. Blocking them would not do: spawning unblocks them.
+        # A new process inherits "ignored" and ignores them from its first instruction (blocking them
+        # would not do: spawning unblocks them).
         handlers = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self._process = context.Process(target=_serve, args=(their_end, work, args), daemon=True)
+            self._process = context.Process(target=_serve, args=(their_end,), daemon=True)
             self._process.start()
         finally:
             for number, handler in handlers.items():
                 signal.signal(number, handler)
         their_end.close()
-        self._replies_due = 1  # its first yield
-        self._last: Any = None
-        self._error: BaseException | None = None
+        self._sent = self._answered = 0
+        self._errors: list[StageError] = []
 
-    def send(self, value: Any = None) -> None:
-        self._request("send", value)
+    def post(self, function: Callable[..., Any], *args: Any) -> None:
+        """Run `function(*args)` there, after everything sent before; do not wait."""
+        self._send(function, args)
 
-    def result(self) -> Any:
-        while self._replies_due:
-            try:
-                kind, value = self._connection.recv()
-            except (EOFError, OSError):  # it ended after an error (already received) or died
-                self._replies_due = 0
-                if self._error is None:
-                    self._error = StageError(f"MLflow: its process ended unexpectedly (exit code {self._exit_code()})")
-                break
-            self._replies_due -= 1
-            if kind == "error":
-                self._error = self._error or value
-            else:
-                self._last = value
-        if self._error is not None:
-            raise self._error
-        return self._last
+    def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run `function(*args)` there, after everything sent before; return its result, or raise the first
+        error of any of them."""
+        return self._answer(self._send(function, args), self.wait)
 
     def __enter__(self) -> TrackingProcess:
         return self
@@ -84,62 +94,86 @@ class TrackingProcess:
     def __exit__(
         self, kind: type[BaseException] | None, exception: BaseException | None, trace: TracebackType | None
     ) -> None:
-        if exception is None:
-            self.send(None)
-            self.result()
-            return
-        if self._error is None:  # it still runs: end its work with the stage's exception
-            if not isinstance(exception, KeyboardInterrupt | Terminated):
-                exception = StageError(first_line(exception))  # the type may not pickle; the status is FAILED
-            self._request("throw", exception)
-            # What comes back is the stage's own exception, raised back, or what ending the run raised.
-            with contextlib.suppress(BaseException):
-                self.result()
-        self._connection.close()
-
-    def _request(self, kind: str, value: Any) -> None:
-        if self._error is not None:
-            return
         try:
-            self._connection.send((kind, value))
-            self._replies_due += 1
-        except (BrokenPipeError, ConnectionResetError):  # it ended: result() says why
-            pass
+            if exception is None:
+                self.call(tracking.end_run, "FINISHED")
+            elif self._process.is_alive():
+                status = "KILLED" if isinstance(exception, KeyboardInterrupt | Terminated) else "FAILED"
+                self._errors.clear()  # the stage's own exception is the one to report
+                self._answer(self._send(tracking.end_run, (status,)), END_SECONDS)
+        except StageError:
+            if exception is None:
+                raise
+        finally:
+            if self._process.is_alive():
+                self._process.kill()
+            self._connection.close()
 
-    def _exit_code(self) -> int | None:
-        self._process.join(timeout=5)
-        return self._process.exitcode
+    def _send(self, function: Callable[..., Any], args: tuple) -> int:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it died: the answer's wait says so
+            self._connection.send((function, args))
+        self._sent += 1
+        return self._sent
+
+    def _answer(self, number: int, seconds: float) -> Any:
+        deadline = time.monotonic() + seconds
+        result = None
+        while self._answered < number:
+            if not self._connection.poll(max(0.0, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    self._process.kill()
+                    raise StageError(
+                        f"MLflow tracking store {tracking.tracking_uri()} did not answer within {seconds:g} s "
+                        f"(set {WAIT_ENV} to wait longer); run the stage again once it answers"
+                    )
+                continue
+            try:
+                failed, result = self._connection.recv()
+            except (EOFError, OSError):
+                self._process.join(timeout=5)
+                raise StageError(
+                    f"MLflow: its process ended unexpectedly (exit code {self._process.exitcode})"
+                ) from None
+            self._answered += 1
+            if failed:
+                self._errors.append(result)
+        if self._errors:
+            raise self._errors[0]
+        return result
 
 
-def _serve(connection: Any, work: Work, args: tuple) -> None:
-    """The process: run the work, one request at a time, replying to each; exit when it is done."""
-    generator = work(*args)
-    request: tuple[str, Any] = ("send", None)
+def _serve(connection: Any) -> None:
+    """The process: run each function received, answer (failed, result or error); after a failure, run
+    nothing but the end of the run (a run started in a store that failed to open would be misfiled). When
+    the stage is gone, end the open run KILLED and exit."""
+    failed = False
     while True:
-        kind, value = request
         try:
-            reply = ("yielded", generator.send(value) if kind == "send" else generator.throw(value))
-        except StopIteration as stop:
-            reply = ("returned", stop.value)
-        except BaseException as exc:
-            reply = ("error", _picklable(exc))
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the stage is gone
-            connection.send(reply)
-        if reply[0] != "yielded":
-            break
-        try:
-            request = connection.recv()
+            function, args = connection.recv()
         except (EOFError, OSError):  # the stage is gone
-            request = ("throw", Terminated("the stage's process ended"))
+            _run(tracking.end_run, ("KILLED",))
+            break
+        if failed and function is not tracking.end_run:
+            answer = (True, StageError(f"MLflow: {function.__name__} not run after an earlier failure"))
+        else:
+            answer = _run(function, args)
+            failed = failed or answer[0]
+        try:
+            connection.send(answer)
+        except (BrokenPipeError, ConnectionResetError):
+            _run(tracking.end_run, ("KILLED",))
+            break
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # no interpreter teardown (about a second with MLflow loaded): the stage may be waiting
 
 
-def _picklable(exception: BaseException) -> BaseException:
-    """What the stage can receive: its own exception types as they are, anything else (a bug) as a
-    RuntimeError carrying the traceback, which is printed here too."""
-    if isinstance(exception, StageError | KeyboardInterrupt | Terminated):
-        return exception
-    traceback.print_exception(exception, file=sys.stderr)
-    return RuntimeError(f"in the MLflow process: {type(exception).__name__}: {first_line(exception)}")
+def _run(function: Callable[..., Any], args: tuple) -> tuple[bool, Any]:
+    try:
+        return False, function(*args)
+    except StageError as exc:
+        return True, exc
+    except Exception as exc:
+        if type(exc).__module__.partition(".")[0] not in STORE_ERRORS_FROM:
+            traceback.print_exception(exc, file=sys.stderr)  # a bug
+        return True, StageError(f"MLflow tracking store {tracking.tracking_uri()}: {first_line(exc)}")
