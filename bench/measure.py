@@ -16,7 +16,7 @@
    no TensorFlow.
 8. the fixed cost of one experiment: `dvc exp run -S epochs=1` (run cache deleted first, as in 5)
    minus one steady-state epoch of 2: everything in an experiment that is not training; and where
-   its time goes, phase by phase (bench/phases.py: the stages mark the end of each phase).
+   its time goes, phase by phase (bench/phases.py: from when each line of its output arrives).
 9. sweep throughput: four queued experiments (`dvc exp run --queue -S hidden_layer_size=...`,
    five epochs each), run with `dvc queue start -j 1`, then four others with `-j 2`; wall time
    from the start of the queue until the last one has finished (one run each: ~4 minutes).
@@ -48,9 +48,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from bench.phases import breakdown, read_marks
+from bench.phases import breakdown, timed_output
 from bench.workers import RESULT_MARK
-from stages.common.cli import PHASE_LOG
 from team import stack as team_stack
 from tests.e2e import REPO as REPO_ROOT
 from tests.e2e import clone_repository, run, user_env
@@ -232,18 +231,11 @@ def measure(repeats: int, runner: Runner, keep_copy: bool) -> tuple[dict[str, li
         for rep in range(1, repeats + 1):
             git(copy, "checkout", "-q", "HEAD", "--", ".")
             shutil.rmtree(copy / ".dvc" / "cache" / "runs", ignore_errors=True)
-            with tempfile.TemporaryDirectory() as folder:  # where the stages mark their phases
-                marks = Path(folder) / "phases.tsv"
-                started = time.time()
-                experiment = runner.run(
-                    [dvc, "exp", "run", "-S", "epochs=1"],
-                    copy,
-                    f"dvc-exp-run-1-epoch-{rep}",
-                    env={PHASE_LOG: str(marks)},
-                )
-                facts["one_epoch_experiment_phases"].append(breakdown(read_marks(marks), started, time.time()))
-            samples["dvc_exp_run_1_s"].append(experiment.seconds)
-            progress(f"dvc exp run -S epochs=1 {rep}/{repeats}: {experiment.seconds:.1f} s")
+            phases = breakdown(*timed_output([dvc, "exp", "run", "-S", "epochs=1"], copy, user_env()))
+            facts["one_epoch_experiment_phases"].append(phases)
+            seconds = sum(seconds for _, seconds in phases)
+            samples["dvc_exp_run_1_s"].append(seconds)
+            progress(f"dvc exp run -S epochs=1 {rep}/{repeats}: {seconds:.1f} s")
         epoch = statistics.median(samples["pipeline_epoch_s"])
         samples["experiment_fixed_cost_s"] = [seconds - epoch for seconds in samples["dvc_exp_run_1_s"]]
 

@@ -3,10 +3,10 @@
     python bench/phases.py [--repeats N] [--repo COPY ...] [--notebook]
 
 Each repetition restores the copy's committed params, deletes DVC's run cache (or DVC would restore
-the experiment instead of running it) and times `dvc exp run -S epochs=1` with MNIST_PHASE_LOG set:
-every stage then marks its process start and the end of each of its phases (stages/common/cli.py,
-`phase`). What lies between one stage's end and the next one's start is DVC's (and the ending
-process's exit). Prints the median, min and max of every phase.
+the experiment instead of running it) and runs `dvc exp run -S epochs=1`, noting when each line of its
+output arrives. The lines that DVC and the stages print anyway mark the phases (LANDMARKS): a phase
+ends at its line, so nothing in the stages exists for measuring. Prints the median, min and max of
+every phase.
 
 Without --repo, a throwaway copy of this repository is made and reproduced first. With several
 --repo (copies at different commits, each reproduced), their runs alternate, so that load from
@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,41 +37,57 @@ from tests.e2e import clone_repository, run, user_env  # noqa: E402  (needs the 
 
 Breakdown = list[tuple[str, float]]
 
+# (phase, the line that ends it), in the order of a one-epoch experiment's output.
+LANDMARKS = [
+    ("DVC: start, check what changed", r"^Running stage 'check_params'"),
+    ("check_params, DVC", r"^Running stage 'train'"),
+    ("train: start, import TensorFlow, read the records", r"^train: .* records loaded"),
+    ("train: wait for the MLflow run, the epoch", r"^\d+/\d+ - "),  # Keras' epoch line ("Epoch 1/1" only if 2+)
+    ("train: save and log the model, write the metrics", r"^train: \d+ epochs?:"),
+    ("train exit, DVC", r"^Running stage 'evaluate'"),
+    ("evaluate: start, import TensorFlow, load, predict", r"^Test loss:"),
+    ("evaluate: log to MLflow, write the metrics", r"^evaluate: test_accuracy"),
+]
+END = "evaluate exit, DVC: save outputs, commit the experiment"
 
-def breakdown(marks: list[tuple[float, str, str]], started: float, ended: float) -> Breakdown:
-    """(phase, seconds) in order, from the stages' marks (unix time, stage, phase) and the command's
-    start and end: a stage's phases, and DVC's time before, between and after the stages."""
+
+def timed_output(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[list[tuple[float, str]], float]:
+    """Run `command`; each line of its output (stdout and stderr) with the seconds since the start at which
+    it arrived, and the whole run's seconds. Fails if the command does."""
+    started = time.perf_counter()
+    lines = []
+    with subprocess.Popen(
+        command, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:  # fmt: skip
+        for line in process.stdout:
+            lines.append((time.perf_counter() - started, line.rstrip("\n")))
+    ended = time.perf_counter() - started
+    if process.returncode != 0:
+        output = "\n".join(line for _, line in lines)[-3000:]
+        raise AssertionError(f"{' '.join(command)} exited {process.returncode}\n{output}")
+    return lines, ended
+
+
+def breakdown(lines: list[tuple[float, str]], ended: float) -> Breakdown:
+    """(phase, seconds) in order: from one landmark line to the next, then to the end."""
     rows: Breakdown = []
-    previous_time, previous_stage = started, None
-    for when, stage, name in sorted(marks):
-        if name == "start":
-            before = f"{previous_stage} exit, DVC" if previous_stage else "DVC: start, check what changed"
-            rows.append((f"{before} -> {stage}", when - previous_time))
-        else:
-            rows.append((f"{stage}: {name}", when - previous_time))
-        previous_time, previous_stage = when, stage
-    rows.append((f"{previous_stage} exit, DVC: save outputs, commit the experiment", ended - previous_time))
+    previous, position = 0.0, 0
+    for name, pattern in LANDMARKS:
+        found = next((i for i in range(position, len(lines)) if re.search(pattern, lines[i][1])), None)
+        if found is None:
+            raise AssertionError(f"no line matched {pattern!r} (phase {name!r})")
+        rows.append((name, lines[found][0] - previous))
+        previous, position = lines[found][0], found + 1
+    rows.append((END, ended - previous))
     return rows
-
-
-def read_marks(path: Path) -> list[tuple[float, str, str]]:
-    marks = []
-    for line in path.read_text().splitlines():
-        when, stage, name = line.split("\t")
-        marks.append((float(when), stage, name))
-    return marks
 
 
 def one_epoch_experiment(copy: Path, env: dict[str, str]) -> Breakdown:
     """Run `dvc exp run -S epochs=1` in `copy` (committed params, no run cache); its breakdown."""
     run(["git", "checkout", "-q", "HEAD", "--", "."], copy)
     shutil.rmtree(copy / ".dvc" / "cache" / "runs", ignore_errors=True)
-    with tempfile.TemporaryDirectory() as folder:
-        marks = Path(folder) / "phases.tsv"
-        started = time.time()
-        run(["dvc", "exp", "run", "-S", "epochs=1"], copy, {**env, "MNIST_PHASE_LOG": str(marks)}, timeout=600)
-        ended = time.time()
-        return breakdown(read_marks(marks), started, ended)
+    return breakdown(*timed_output(["dvc", "exp", "run", "-S", "epochs=1"], copy, env))
 
 
 def ten_epochs_against_the_notebook(copy: Path, env: dict[str, str]) -> tuple[float, float]:

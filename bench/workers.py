@@ -137,19 +137,23 @@ def pipeline_worker(
 ) -> dict[str, Any]:
     """The train stage's own training and evaluation code, on the records in the current directory.
 
-    `deterministic=False` measures what op determinism costs: `train` is told not to enable it.
+    `deterministic=False` measures what op determinism costs: `train` seeds without enabling it.
     `numerics` and `network` (params replacing the notebook's) measure what portable numerics cost.
     `tracked=True` logs every epoch into an MLflow run as the train stage does, in the store that
     MLFLOW_TRACKING_URI names (else the copy's mlflow.db), to measure what the store costs.
     """
+    from stages import train as train_stage
     from stages.common import paths
-    from stages.common.cli import import_tensorflow
     from stages.common.params import load_params
     from stages.evaluate import evaluate
     from stages.lib.input_pipeline import load_examples
-    from stages.train import train
+    from stages.lib.tensorflow_setup import import_tensorflow
 
     import_tensorflow(numerics)  # as the train stage does
+    if not deterministic:
+        import keras
+
+        train_stage.seed_everything = keras.utils.set_random_seed
     params = dataclasses.replace(load_params(), **NOTEBOOK_HYPERPARAMETERS, numerics=numerics)
     params = dataclasses.replace(params, **(network or {}))
     train_examples = load_examples(paths.SPLIT_TRAIN)
@@ -157,27 +161,25 @@ def pipeline_worker(
     timer = make_epoch_timer()
     with contextlib.ExitStack() as tracking:
         callbacks = [timer]
-        if tracked:  # as the train stage does: MLflow in a process of its own, sent each epoch's metrics
+        if tracked:  # as the train stage does: MLflow in a process of its own, posted each epoch's metrics
             import keras
 
-            from stages.lib.tracking import md5
+            from stages.lib import tracking as mlflow_tracking
             from stages.lib.tracking_process import TrackingProcess
-            from stages.train import epoch_metrics, record_training, save_model
 
-            mlflow_run = tracking.enter_context(TrackingProcess(record_training, params))
-            mlflow_run.send()
-            mlflow_run.result()
-            send_epoch = keras.callbacks.LambdaCallback(
-                on_epoch_end=lambda epoch, logs: mlflow_run.send((epoch + 1, epoch_metrics(logs)))
+            mlflow_process = tracking.enter_context(TrackingProcess())
+            mlflow_process.post(mlflow_tracking.open_stage_experiment, "bench", params.mlflow_experiment)
+            mlflow_process.call(train_stage.start_training_run, params)
+            post_epoch = keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs: mlflow_process.post(
+                    mlflow_tracking.log_epoch, epoch + 1, train_stage.epoch_metrics(logs)
+                )
             )
-            callbacks.insert(0, send_epoch)
-        model, _ = train(
-            params, train_examples, validation_examples, callbacks=callbacks, deterministic_ops=deterministic
-        )
+            callbacks.insert(0, post_epoch)
+        model, _ = train_stage.train(params, train_examples, validation_examples, callbacks=callbacks)
         if tracked:
-            save_model(model, paths.MODEL)
-            mlflow_run.send(md5(paths.MODEL))
-            mlflow_run.result()
+            train_stage.save_model(model, paths.MODEL)
+            mlflow_process.call(train_stage.log_model, paths.MODEL)
     results = evaluate(model, load_examples(paths.PREPARED_TEST))
     return {"epoch_seconds": timer.seconds, "test_accuracy": results["test_accuracy"]}
 
