@@ -80,8 +80,11 @@ def train(
     steps = params.epochs * math.ceil(len(train_examples.labels) / params.batch_size)
     optimizer = keras.optimizers.Adam(learning_rate=learning_rate(params, steps))
     compile_model(model, optimizer, TRAINING_STEPS_PER_EXECUTION)
-    if params.early_stopping_patience > 0:
-        callbacks = [*callbacks, early_stopping(params.early_stopping_patience)]
+    if params.early_stopping_patience > 0:  # keeps the best epoch's weights (the first of equal ones)
+        stop_early = keras.callbacks.EarlyStopping(
+            monitor="val_accuracy", mode="max", patience=params.early_stopping_patience, restore_best_weights=True
+        )
+        callbacks = [*callbacks, stop_early]
     stop_on_signal = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", model.stop_training or stop_requested())
     )
@@ -103,16 +106,6 @@ def train(
     return model, rows
 
 
-def early_stopping(patience: int) -> keras.callbacks.EarlyStopping:
-    """Stop when val_accuracy has not risen for `patience` epochs; keep the best epoch's weights (the
-    first of equal ones), also when training runs to the end or a signal stops it."""
-    import keras
-
-    return keras.callbacks.EarlyStopping(
-        monitor="val_accuracy", mode="max", patience=patience, restore_best_weights=True
-    )
-
-
 def kept_epoch(params: Params, history: list[dict[str, float]]) -> dict[str, float]:
     """The history row of the epoch whose weights the model keeps: the last one, or with early stopping
     the first with the highest val_accuracy (as Keras' EarlyStopping picks it)."""
@@ -122,12 +115,8 @@ def kept_epoch(params: Params, history: list[dict[str, float]]) -> dict[str, flo
 
 
 def save_model(model: keras.Model, path: Path) -> None:
-    """Save as .keras, atomically, with the save time pinned: the file is a function of the model alone.
-
-    Keras writes the time into metadata.json (`date_saved`) and into every zip entry's header,
-    and numbers objects shared between layers by their memory address in config.json; the
-    entries' contents are otherwise identical for identical weights.
-    """
+    """Save as .keras, atomically, so that same weights => same bytes: Keras writes the save time into
+    metadata.json and every zip entry's header, and numbers shared objects by memory address."""
     with atomic_output(path) as temporary:
         model.save(temporary)
         with zipfile.ZipFile(temporary) as saved:
@@ -231,40 +220,46 @@ def train_metrics(params: Params, history: list[dict[str, float]]) -> dict[str, 
     return {"epochs": params.epochs, **stopped, **{name: kept[name] for name in HISTORY_COLUMNS[1:]}}
 
 
+def epoch_reporter(mlflow_process: TrackingProcess) -> keras.callbacks.Callback:
+    """Each epoch's metrics to the run, and with EPOCH_JSON_ENV set, to stdout for a program (stages.tune)."""
+    import keras
+
+    def report(epoch: int, logs: dict[str, float]) -> None:
+        metrics = epoch_metrics(logs)
+        mlflow_process.post(tracking.log_epoch, epoch + 1, metrics)
+        if os.environ.get(tracking.EPOCH_JSON_ENV):
+            print(tracking.EPOCH_LINE_PREFIX + json.dumps({"epoch": epoch + 1, **metrics}), flush=True)
+
+    return keras.callbacks.LambdaCallback(on_epoch_end=report)
+
+
 def main() -> None:
     timer = Timer()
     params = load_params()
-    with TrackingProcess() as mlflow_process:
-        mlflow_process.post(tracking.open_stage_experiment, "train", params.mlflow_experiment)
-        import_tensorflow(params.numerics)
-        import keras
-
-        with signals_held():
-            train_examples, validation_examples = read_split()
-        counts = f"{len(train_examples.labels)} train / {len(validation_examples.labels)} validation"
-        log("train", f"{counts} records loaded in {timer}")
-        # Only now: a bad input records no run, and a store that refuses us costs no training.
-        experiment_id, run_id = mlflow_process.call(start_training_run, params)
-
-        def epoch_ended(epoch: int, logs: dict[str, float]) -> None:
-            metrics = epoch_metrics(logs)
-            mlflow_process.post(tracking.log_epoch, epoch + 1, metrics)
-            if os.environ.get(tracking.EPOCH_JSON_ENV):
-                print(tracking.EPOCH_LINE_PREFIX + json.dumps({"epoch": epoch + 1, **metrics}), flush=True)
-
-        with signals_held():  # a signal stops training at the end of the epoch, then is raised
-            model, history = train(
-                params, train_examples, validation_examples, [keras.callbacks.LambdaCallback(on_epoch_end=epoch_ended)]
-            )
-            save_model(model, paths.MODEL)
-        try:
+    saved = False
+    try:
+        with TrackingProcess() as mlflow_process:
+            mlflow_process.post(tracking.open_stage_experiment, "train", params.mlflow_experiment)
+            import_tensorflow(params.numerics)
+            with signals_held():
+                train_examples, validation_examples = read_split()
+            counts = f"{len(train_examples.labels)} train / {len(validation_examples.labels)} validation"
+            log("train", f"{counts} records loaded in {timer}")
+            # Only now: a bad input records no run, and a store that refuses us costs no training.
+            experiment_id, run_id = mlflow_process.call(start_training_run, params)
+            with signals_held():  # a signal stops training at the end of the epoch, then is raised
+                model, history = train(params, train_examples, validation_examples, [epoch_reporter(mlflow_process)])
+            with signals_held():
+                save_model(model, paths.MODEL)
+                saved = True
             mlflow_process.call(log_model, paths.MODEL)
-        except BaseException:
-            paths.MODEL.unlink()  # no model without its record in MLflow, and no metrics: nothing half-written
-            raise
-        write_history(paths.TRAIN_HISTORY, history)
-        final = train_metrics(params, history)
-        write_json(paths.TRAIN_METRICS, final)
+    except BaseException:
+        if saved:  # a model without its complete run, and without its metrics: half of a result
+            paths.MODEL.unlink()
+        raise
+    write_history(paths.TRAIN_HISTORY, history)
+    final = train_metrics(params, history)
+    write_json(paths.TRAIN_METRICS, final)
     log(
         "train",
         f"{params.epochs} epoch{'s' if params.epochs > 1 else ''}: "

@@ -1,31 +1,26 @@
-"""MLflow in a process of its own, beside the stage that records into it (train, evaluate).
+"""MLflow in a process of its own, beside train and evaluate.
 
-Importing MLflow and opening its store take about 2 s of single-threaded Python, and so does importing
-TensorFlow; in one process they cannot overlap (the GIL). So these stages run their MLflow functions in a
-second process, on the other core, while they import TensorFlow and read their data (docs/speed.md):
+Importing MLflow and opening its store take about 2 s of single-threaded Python, as long as importing
+TensorFlow, and in one process the two cannot overlap (the GIL). So these stages run their MLflow functions
+in a second process, on the other core (docs/speed.md):
 
     with TrackingProcess() as mlflow_process:
         mlflow_process.post(tracking.open_stage_experiment, "train", name)  # returns at once
-        ...                                                  # import TensorFlow, read the data
-        run_id = mlflow_process.call(start_training_run, params)  # waits for the answer
-        mlflow_process.post(tracking.log_epoch, 1, metrics)  # returns at once
-        mlflow_process.call(log_model, path)                 # raises the first error of anything before it
+        ...                                                                  # import TensorFlow meanwhile
+        run_id = mlflow_process.call(start_training_run, params)            # waits for the result
 
-- The functions run one at a time, in the order given; they must be module-level functions of ours (they
-  are sent by name), whose MLflow state (the active run) stays in that process.
-- An error there reaches the stage as one line (a StageError); a bug's traceback is printed there too.
-- `call` waits at most `wait_seconds()` for its answer (an MLflow client retries a dead server for about
-  8 minutes): then the stage fails in one line that names the tracking store, and the process is killed.
-- While the stage waits, Ctrl-C and SIGTERM reach it at once. The process itself ignores both.
-- Leaving the block ends the run open there: FINISHED, else KILLED on SIGINT/SIGTERM and FAILED on
-  anything else, waiting for that at most END_SECONDS. If the stage dies (SIGKILL), the run ends KILLED.
-  A run that could not be ended (its store unreachable) is marked KILLED by the next stage on this host
-  (tracking.close_orphaned_runs).
+Functions run there one at a time, in order; after one fails, only the run's end. Their errors reach the
+stage as one line (a bug's traceback is printed there). A call waits at most `wait_seconds()` (MLflow's
+client retries a dead server for minutes), and Ctrl-C or SIGTERM stop the stage while it waits; the
+process ignores both. Leaving the block ends the run: FINISHED, else KILLED (SIGINT, SIGTERM) or FAILED,
+waiting END_SECONDS at most. If the stage dies, the process ends the run KILLED; a run nobody could end
+(its store down) is marked KILLED by the next stage on this host (tracking.close_orphaned_runs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import signal
@@ -146,6 +141,7 @@ def _serve(connection: Any) -> None:
     """The process: run each function received, answer (failed, result or error); after a failure, run
     nothing but the end of the run (a run started in a store that failed to open would be misfiled). When
     the stage is gone, end the open run KILLED and exit."""
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # a line per retry of a server that is down
     failed = False
     while True:
         try:
