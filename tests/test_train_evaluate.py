@@ -395,7 +395,7 @@ def test_training_run_records_params_metrics_tags_and_artifacts(pipeline_mlflow)
 
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["confusion_matrix.png", "per_class.json"]
     # The default store keeps artifacts beside the database, not in ./mlruns of the working directory.
-    assert run.info.artifact_uri == f"{(root / tracking.ARTIFACTS_DIR).as_uri()}/1/{run.info.run_id}/artifacts"
+    assert run.info.artifact_uri == f"{(root / tracking.ARTIFACTS_DIR).as_uri()}/{run.info.run_id}/artifacts"
     [figure] = (root / tracking.ARTIFACTS_DIR).rglob("confusion_matrix.png")
     assert Image.open(figure).size == (600, 550)  # figsize (6, 5.5) at 100 dpi
 
