@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
 
 from stages.common import paths
@@ -83,13 +84,9 @@ def run_stage(
     argv: list[str] | None = None,
     arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> None:
-    """Parse the command line (`--help`; whatever `arguments` adds, passed to `main` by name), run
-    `main`, and turn failures into one line and a non-zero exit.
-
-    On success the process ends here, without the interpreter's teardown: with TensorFlow and
-    MLflow loaded that takes about 2 s, and by now every output is written and closed and the
-    MLflow run ended.
-    """
+    """Parse the command line (whatever `arguments` adds is passed to `main` by name), run `main`, and turn
+    failures into one line and a non-zero exit. On success, end the process without the interpreter's
+    teardown (about 2 s with TensorFlow and MLflow loaded): every output is written and closed by then."""
     parser = argparse.ArgumentParser(
         prog=f"python -m stages.{name}", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -98,36 +95,34 @@ def run_stage(
     parsed = vars(parser.parse_args(argv))
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    failure = None
     try:
         main(**parsed)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
     except StageError as exc:
-        _fail(name, f"error: {exc}", 1)
+        failure = f"error: {exc}", 1
     except KeyboardInterrupt:
-        _fail(name, "interrupted (SIGINT)", 130)
+        failure = "interrupted (SIGINT)", 130
     except Terminated:
-        _fail(name, "terminated (SIGTERM)", 143)
-    except Exception:  # a bug: its traceback follows
+        failure = "terminated (SIGTERM)", 143
+    finally:  # a bug (an exception not caught above) keeps its traceback, after these lines
+        if failure is not None:
+            print(f"{name}: {failure[0]}", file=sys.stderr, flush=True)
         _print_restore_hint(name)
-        raise
+    sys.exit(failure[1])
 
 
 def _print_restore_hint(stage: str) -> None:
-    """Under DVC, which removes a stage's outputs before running it: the command that restores them."""
-    if os.environ.get("DVC_STAGE") and stage in paths.OUTPUTS_IN_GIT:
-        command = " && ".join(
-            [f"dvc checkout {stage}", *(f"git checkout -- {path}" for path in paths.OUTPUTS_IN_GIT[stage])]
-        )
+    """When DVC ran the stage in the workspace (not in a copy: --temp, --queue), it removed the stage's previous
+    outputs first: the command that restores them."""
+    in_workspace = Path(os.environ.get("DVC_ROOT") or "/nonexistent").resolve() == Path.cwd().resolve()
+    if os.environ.get("DVC_STAGE") and in_workspace and stage in paths.OUTPUTS_IN_GIT:
+        restore = [f"dvc checkout {stage}", *(f"git checkout -- {path}" for path in paths.OUTPUTS_IN_GIT[stage])]
         print(
-            f"{stage}: DVC removed this stage's previous outputs before running it; to restore them: {command}",
+            f"{stage}: DVC removed this stage's previous outputs before running it; to restore them: "
+            + " && ".join(restore),
             file=sys.stderr,
             flush=True,
         )
-
-
-def _fail(name: str, message: str, exit_code: int) -> None:
-    print(f"{name}: {message}", file=sys.stderr, flush=True)
-    _print_restore_hint(name)
-    sys.exit(exit_code)
