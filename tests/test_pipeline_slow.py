@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 
 import mlflow
 import numpy as np
@@ -33,6 +34,7 @@ from tests.e2e import (
     run,
     run_queues,
     stages_run,
+    started,
     user_env,
     wait_until_answering,
 )
@@ -304,34 +306,27 @@ def test_evaluate_rerun_on_a_run_cached_model_records_into_the_run_that_trained_
     assert len(history) == 2 and history[0].value == history[1].value
 
 
-@pytest.fixture
-def tracking_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 with its own SQLite store and artifact root."""
-    port = free_port()
+def mlflow_server(folder, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:`port` with its SQLite store and artifacts in `folder`, answering."""
     server = subprocess.Popen(
-        [
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            (tmp_path / "server-artifacts").as_uri(),
-            "--workers",
-            "1",
-        ],
+        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", (folder / "server-artifacts").as_uri()],
         env=user_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # else 8 job-runner processes start too
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
+    )  # fmt: skip
+    wait_until_answering(f"http://127.0.0.1:{port}/health", server, 120, "mlflow server")
+    return server
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    port = free_port()
+    server = mlflow_server(tmp_path, port)
     try:
-        wait_until_answering(f"{uri}/health", server, 120, "mlflow server")
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -366,3 +361,55 @@ def test_a_tracking_server_that_is_down_fails_before_training_in_one_line_and_le
     run(["bash", "-c", hint.split("to restore them: ", 1)[1]], repo)
     assert changed_stages(repo) == set()
     assert run(["git", "status", "--porcelain"], repo).stdout == ""
+
+
+WAIT = 20  # MNIST_TRACKING_WAIT in the tests below: how long a stage waits for a tracking store that is gone
+
+
+@pytest.mark.parametrize("interrupted", [False, True], ids=["waits-its-limit", "ctrl-c"])
+def test_a_tracking_server_killed_mid_training_ends_the_stage_in_one_line_and_its_run_is_closed_later(
+    repo, tmp_path, interrupted
+):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = mlflow_server(tmp_path, port)
+    env = user_env(MLFLOW_TRACKING_URI=uri, MNIST_TRACKING_WAIT=str(WAIT), PYTHONUNBUFFERED="1")
+    try:
+        with started(["dvc", "exp", "run", "-S", "epochs=8"], repo, env) as child:
+            child.wait_for_line("Epoch 3/")
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+            if interrupted:
+                child.wait_for_line("Epoch 8/")
+                os.killpg(child.process.pid, signal.SIGINT)  # Ctrl-C: the terminal's whole process group
+            signalled = time.monotonic()
+            output = child.finish(timeout=WAIT + 300)
+            seconds = time.monotonic() - signalled
+        assert child.process.returncode != 0
+        lines = output.splitlines()
+        if interrupted:
+            assert "train: interrupted (SIGINT)" in lines
+            assert seconds < 30  # the run's end waits 5 s at most, not MLflow's minutes of retries
+        else:
+            limit = f"did not answer within {WAIT} s (set MNIST_TRACKING_WAIT to wait longer)"
+            assert f"train: error: MLflow tracking store {uri} {limit}; run the stage again once it answers" in lines
+            assert seconds < WAIT + 120  # the remaining epochs, then the limit
+        assert "Traceback" not in output and "Retrying" not in output
+        assert not (repo / paths.MODEL).exists()  # no model without its run
+        assert not (repo / paths.TRAIN_METRICS).exists()
+        [hint] = [line for line in lines if "to restore them: " in line]
+        run(["bash", "-c", hint.split("to restore them: ", 1)[1]], repo)
+        run(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo)  # what `dvc exp run -S` had changed
+        assert changed_stages(repo) == set()
+        assert run(["git", "status", "--porcelain"], repo).stdout == ""
+        # The server back: the run it held RUNNING is marked KILLED by the next stage on this host.
+        server = mlflow_server(tmp_path, port)
+        again = run(["dvc", "exp", "run", "-S", "epochs=1"], repo, env)
+        assert "was left RUNNING by a killed stage; marked it KILLED" in again.stdout
+        runs = mlflow.MlflowClient(uri).search_runs(
+            [mlflow.MlflowClient(uri).get_experiment_by_name("mnist-dnn").experiment_id]
+        )
+        assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
