@@ -11,22 +11,16 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from pathlib import Path
 
 from stages.common.cli import log, run_stage
 from stages.common.errors import StageError
 from stages.common.params import PARAMS_FILE, load_params
+from stages.lib.workspace import in_workspace, refuse_a_second_run
 
 # `dvc exp run -S` writes its values into the workspace's params.yaml before any stage runs and leaves
 # them there when the experiment fails (merged with any edits of yours: DVC keeps no copy of the file as
 # it was). The one command that restores the committed file whatever git's index says (see below):
 RESTORE = f"git show HEAD:{PARAMS_FILE} > {PARAMS_FILE}"
-
-
-def in_workspace_experiment() -> bool:
-    """Whether `dvc exp run` runs this stage in the workspace (not in a temporary copy: --queue, --temp)."""
-    root = os.environ.get("DVC_ROOT")
-    return bool(os.environ.get("DVC_EXP_NAME")) and root is not None and Path(root).resolve() == Path.cwd().resolve()
 
 
 def show_git_the_workspace() -> None:
@@ -44,10 +38,11 @@ def show_git_the_workspace() -> None:
 
 
 def main() -> None:
+    refuse_a_second_run()
     try:
         load_params()
     except StageError as exc:
-        if in_workspace_experiment():
+        if os.environ.get("DVC_EXP_NAME") and in_workspace():
             show_git_the_workspace()
             raise StageError(
                 f"{exc}; dvc exp run left this {PARAMS_FILE} in the workspace, to restore the committed one: {RESTORE}"

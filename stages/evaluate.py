@@ -23,6 +23,7 @@ from stages.lib.input_pipeline import evaluation_dataset, load_examples, recorde
 from stages.lib.model import load_model
 from stages.lib.tensorflow_setup import import_tensorflow
 from stages.lib.tracking_process import TrackingProcess
+from stages.lib.workspace import check_params_unchanged, params_in_use
 
 if TYPE_CHECKING:
     import keras
@@ -174,7 +175,7 @@ def main() -> None:
     params = load_params()
     if not paths.MODEL.is_file():
         raise StageError(f"{paths.MODEL}: file not found (run `dvc repro train` to create it)")
-    with TrackingProcess() as mlflow_process:
+    with params_in_use("evaluate"), TrackingProcess() as mlflow_process:
         mlflow_process.post(tracking.open_stage_experiment, "evaluate", params.mlflow_experiment)
         mlflow_process.post(start_evaluation_run, params, tracking.md5(paths.MODEL))
         import_tensorflow(params.numerics)
@@ -186,6 +187,7 @@ def main() -> None:
         per_class = per_class_metrics(matrix)
         print(format_report(results, per_class, matrix), flush=True)
         metrics = {"test_loss": results["test_loss"], "test_accuracy": results["test_accuracy"]}
+        check_params_unchanged(params)
         experiment_id, run_id = mlflow_process.call(log_evaluation, metrics, per_class, matrix)
         write_json(paths.PER_CLASS_METRICS, per_class)
         write_confusion_csv(paths.CONFUSION, test.labels, results["predictions"])

@@ -23,6 +23,7 @@ from stages.lib.input_pipeline import evaluation_dataset, load_examples, recorde
 from stages.lib.model import build_model
 from stages.lib.tensorflow_setup import import_tensorflow
 from stages.lib.tracking_process import TrackingProcess
+from stages.lib.workspace import check_params_unchanged, params_in_use
 
 if TYPE_CHECKING:
     import keras
@@ -238,7 +239,7 @@ def main() -> None:
     params = load_params()
     saved = False
     try:
-        with TrackingProcess() as mlflow_process:
+        with params_in_use("train"), TrackingProcess() as mlflow_process:
             mlflow_process.post(tracking.open_stage_experiment, "train", params.mlflow_experiment)
             import_tensorflow(params.numerics)
             with signals_held():
@@ -249,6 +250,7 @@ def main() -> None:
             experiment_id, run_id = mlflow_process.call(start_training_run, params)
             with signals_held():  # a signal stops training at the end of the epoch, then is raised
                 model, history = train(params, train_examples, validation_examples, [epoch_reporter(mlflow_process)])
+            check_params_unchanged(params)
             with signals_held():
                 save_model(model, paths.MODEL)
                 saved = True
