@@ -1,6 +1,5 @@
-"""predict: the digit in each image file (any format, size and polarity), by a .keras file or an MLflow model
-URI; not a stage. Its output, and what "doubtful" catches: README and docs/serving.md.
-"""
+"""predict: the digit in each image file (any format, size and polarity) by a .keras file or an MLflow model URI
+(models:/mnist-dnn@champion, runs:/<run id>/model); not a stage. Output and "doubtful": README, docs/serving.md."""
 
 from __future__ import annotations
 
@@ -44,8 +43,7 @@ def load_predictor(model: str) -> Callable[[np.ndarray], np.ndarray]:
         raise StageError(
             f"{model}: no MLflow store at {database} (run from the repository root, or set MLFLOW_TRACKING_URI)"
         )
-    # No download progress bars; fail in seconds if a tracking server is down. The user's settings win.
-    for name, value in {**tracking.CONNECT_SETTINGS, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+    for name, value in tracking.CONNECT_SETTINGS.items():  # fail in seconds if a server is down; the user's win
         os.environ.setdefault(name, value)
     import mlflow
 
