@@ -1,7 +1,6 @@
 """numerics: does this machine compute the same bits as the one that made the committed baseline? A fingerprint
 (one short seeded epoch on synthetic images, every kernel training uses) compared with data/baseline/machine.json.
-The same: `make repro` gives the committed model byte for byte. Different: close metrics (docs/determinism.md).
-"""
+The same: `make repro` gives the committed model byte for byte. Different: close metrics (docs/determinism.md)."""
 
 from __future__ import annotations
 

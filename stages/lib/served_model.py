@@ -1,8 +1,7 @@
 """The MLflow model that train logs, as MLflow's "models from code" (this file is copied into the model, so it
 imports nothing of ours): the `.keras` file that DVC versions, predicting without Keras' progress bar, checking its
 input itself. The signature has no input schema: MLflow's server casts JSON and CSV to the schema's dtype first,
-and a cast to uint8 turns 0.5 into 0 without a word.
-"""
+and a cast to uint8 turns 0.5 into 0 without a word."""
 
 import mlflow
 import numpy as np
@@ -13,13 +12,13 @@ SHAPES = {(SIDE, SIDE, 1), (SIDE, SIDE), (SIDE * SIDE,)}  # one image: the model
 
 
 class InvalidInput(mlflow.exceptions.MlflowException):
-    """Bad input: MLflow's server answers HTTP 400 with this message alone (for another MlflowException it sets
-    the message to "Failed to predict data '<the whole input, printed>'. Error: <message>")."""
+    """Bad input: MLflow's server answers HTTP 400 with this message alone. (It sets every MlflowException's
+    message to "Failed to predict data '<the whole input, printed>'. Error: <message>": `message` ignores that.)"""
 
     def __init__(self, message: str):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
-    message = property(lambda self: self.args[0], lambda self, _: None)  # what the server sets is ignored
+    message = property(lambda self: self.args[0], lambda self, _: None)
 
 
 def images(model_input) -> np.ndarray:
