@@ -1,12 +1,6 @@
-"""numerics: does this machine compute the same bits as the one that made the committed baseline?
-
-Trains the network params.yaml describes for one short epoch on synthetic images, with the
-kernels its `numerics` selects, and hashes the weights and predictions: every kernel a training
-uses, at its shapes, in a few seconds. Compares that fingerprint with the one recorded beside the
-committed baseline (data/baseline/machine.json). The same: `make repro` here gives the committed
-model file byte for byte. Different: it gives metrics within the tolerances of
-docs/determinism.md, and `make restore` brings the committed outputs back.
-"""
+"""numerics: does this machine compute the same bits as the one that made the committed baseline? A fingerprint
+(one short seeded epoch on synthetic images, every kernel training uses) compared with data/baseline/machine.json.
+The same: `make repro` gives the committed model byte for byte. Different: close metrics (docs/determinism.md)."""
 
 from __future__ import annotations
 
@@ -44,15 +38,12 @@ def fingerprint(params: Params) -> str:
     examples = Examples(images, rng.integers(0, NUM_CLASSES, size=FINGERPRINT_IMAGES, dtype=np.uint8))
     with contextlib.redirect_stdout(io.StringIO()):  # Keras' epoch line
         model, _ = train(dataclasses.replace(params, epochs=1), examples, examples)
-    digest = hashlib.md5()
-    for weight in model.weights:
-        digest.update(np.asarray(weight).tobytes())
-    digest.update(model.predict(images, verbose=0).tobytes())
-    return digest.hexdigest()
+    arrays = [*model.weights, model.predict(images, verbose=0)]
+    return hashlib.md5(b"".join(np.asarray(array).tobytes() for array in arrays)).hexdigest()
 
 
 def this_machine() -> dict[str, Any]:
-    """What a person reads to compare machines: CPU, L1 data cache, dispatched-on instruction sets."""
+    """What a person reads to compare machines."""
     import tensorflow as tf
 
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
@@ -72,14 +63,6 @@ def this_machine() -> dict[str, Any]:
     }
 
 
-def describe(machine: dict[str, Any]) -> str:
-    return (
-        f"{machine['cpu']}, L1d {machine['l1_data_cache']}, {' '.join(machine['instruction_sets']) or '-'}, "
-        f"{machine['cores']} cores, TensorFlow {machine['tensorflow']}, numerics {machine['numerics']}: "
-        f"fingerprint {machine['fingerprint'][:8]}"
-    )
-
-
 def main(record: bool, as_json: bool) -> None:
     params = load_params()
     import_tensorflow(params.numerics)
@@ -91,8 +74,11 @@ def main(record: bool, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"this_machine": machine, "baseline": baseline, "same": same}))
         return
-    print(f"{'this machine:':<20}{describe(machine)}")
-    print(f"{'baseline machine:':<20}{describe(baseline)}")
+    for who, m in (("this machine:", machine), ("baseline machine:", baseline)):
+        print(
+            f"{who:<20}{m['cpu']}, L1d {m['l1_data_cache']}, {' '.join(m['instruction_sets']) or '-'}, {m['cores']} "
+            f"cores, TensorFlow {m['tensorflow']}, numerics {m['numerics']}: fingerprint {m['fingerprint'][:8]}"
+        )
     if same:
         print("the same bits: `make repro` reproduces the committed model file byte for byte")
     else:

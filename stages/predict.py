@@ -1,15 +1,5 @@
-"""predict: the digit in each image file (PNG, JPEG...; any size, dark on light or light on dark); not a stage.
-
-Usage: python -m stages.predict [--model MODEL] IMAGE ...   (in the repository root; the images can be anywhere)
-
-MODEL: a .keras file (default: models/model.keras) or an MLflow model URI (models:/mnist-dnn@champion,
-runs:/<run id>/model, models:/m-<model id>) in the project's store (MLFLOW_TRACKING_URI, else mlflow.db).
-Each image is made an MNIST digit (stages/lib/digit_images.py); one line per image gives the predicted
-digit, then the three likeliest digits:   seven.png: 7  (7 98.1%, 2 1.2%, 3 0.4%)
-An answer whose digit has under 90% is marked doubtful:   four.jpg: 2  (2 65.1%, 6 20.9%, 4 8.4%)  doubtful
-(on the MNIST test set, the baseline model's doubtful answers are right 71% of the time, the others 99.2%).
-An unusable image is one error line on stderr; the others are still answered, and the exit status is 1.
-"""
+"""predict: the digit in each image file (any format, size and polarity) by a .keras file or an MLflow model URI
+(models:/mnist-dnn@champion, runs:/<run id>/model); not a stage. Output and "doubtful": README, docs/serving.md."""
 
 from __future__ import annotations
 
@@ -30,11 +20,9 @@ from stages.lib.digit_images import load_image, to_mnist
 from stages.lib.model import load_model
 from stages.lib.tensorflow_setup import import_tensorflow
 
-# On the 10,000 MNIST test images the baseline model (`make repro`, 96.7 % accurate) gives 8.9 % of its answers
-# under 90 %: 71 % of those are right, and 99.2 % of the others (80 % make it 6 % and 61 % against 98.8 %).
+# The baseline's answers under 90 % are right 71 % of the time, the others 99.2 % (docs/serving.md); under 80 %,
+# 6 % of its answers, 61 % against 98.8 %.
 DOUBTFUL_BELOW = 0.9
-
-Predictor = Callable[[np.ndarray], np.ndarray]  # model inputs -> probabilities, shape (n, 10)
 
 
 def model_input(digits: np.ndarray) -> np.ndarray:
@@ -42,8 +30,8 @@ def model_input(digits: np.ndarray) -> np.ndarray:
     return digits.astype(np.uint8)[..., np.newaxis]
 
 
-def load_predictor(model: str) -> Predictor:
-    """The model as a function: a local .keras file with Keras, anything else with MLflow."""
+def load_predictor(model: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The model as a function from model inputs to probabilities (n, 10): a .keras file by Keras, else by MLflow."""
     import_tensorflow()
     if Path(model).suffix == ".keras" and not urlparse(model).scheme:
         if model != str(paths.MODEL) and not Path(model).is_file():
@@ -55,8 +43,7 @@ def load_predictor(model: str) -> Predictor:
         raise StageError(
             f"{model}: no MLflow store at {database} (run from the repository root, or set MLFLOW_TRACKING_URI)"
         )
-    # No download progress bars; fail in seconds if a tracking server is down. The user's settings win.
-    for name, value in {**tracking.CONNECT_SETTINGS, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+    for name, value in tracking.CONNECT_SETTINGS.items():  # fail in seconds if a server is down; the user's win
         os.environ.setdefault(name, value)
     import mlflow
 
@@ -69,8 +56,7 @@ def load_predictor(model: str) -> Predictor:
 
 
 def describe(probabilities: np.ndarray) -> str:
-    """`7  (7 98.1%, 2 1.2%, 3 0.4%)`: the predicted digit, then the three likeliest with their probabilities;
-    `  doubtful` after it if the predicted digit's probability is under DOUBTFUL_BELOW."""
+    """`7  (7 98.1%, 2 1.2%, 3 0.4%)`: the digit, then the three likeliest; `  doubtful` if under DOUBTFUL_BELOW."""
     top = np.argsort(-probabilities, kind="stable")[:3]
     doubtful = "  doubtful" if probabilities[top[0]] < DOUBTFUL_BELOW else ""
     return f"{top[0]}  ({', '.join(f'{digit} {probabilities[digit]:.1%}' for digit in top)}){doubtful}"

@@ -1,9 +1,5 @@
-"""runs: the MLflow run that trained the model of the workspace and of each DVC experiment (not a stage).
-
-Usage: python -m stages.runs [NAME ...]   (names as `dvc exp show` gives them; default: every row)
-The link is the model file's MD5, which DVC records and the training run carries as tag model.md5.
-Ends with the link that opens the per-epoch curves of the runs listed in the MLflow UI.
-"""
+"""runs: the MLflow run that trained the model of the workspace and of each DVC experiment, found by the model
+file's MD5 (tag model.md5), and the MLflow UI's link to their curves; not a stage."""
 
 from __future__ import annotations
 
@@ -17,9 +13,8 @@ from stages.lib.experiments import list_experiments
 
 
 def ui_link(address: str, experiment_id: str, run_ids: list[str]) -> str:
-    """The experiment's runs page in the MLflow UI, in its chart view (every metric's per-epoch curves
-    of all the runs listed), showing only these runs. Without workflowType=machine_learning, MLflow 3's
-    UI opens an experiment as a GenAI one (traces), whatever the experiment's tags say."""
+    """The MLflow UI's chart view (every metric's curves) of these runs. Without workflowType=machine_learning,
+    MLflow 3's UI opens an experiment as a GenAI one (traces), whatever its tags say."""
     query = {"workflowType": "machine_learning", "compareRunsMode": "CHART"}
     if run_ids:
         quoted = ", ".join(f"'{run_id}'" for run_id in run_ids)
@@ -36,9 +31,7 @@ def main(names: list[str]) -> None:
     print(f"MLflow runs in {tracking.tracking_uri()}, experiment id {experiment_id}")
     print(f"{'experiment':<20} {'model md5':<10} {'MLflow run':<33} {'status':<9} {'test_acc':>8}  run name")
     shown = []
-    for experiment in experiments:
-        if names and experiment.name not in names:
-            continue
+    for experiment in (e for e in experiments if not names or e.name in names):
         run = tracking.find_evaluated_run(experiment_id, experiment.model_md5) if experiment.model_md5 else None
         md5 = (experiment.model_md5 or "-")[:8]
         if run is None:
@@ -54,8 +47,5 @@ def main(names: list[str]) -> None:
 
 if __name__ == "__main__":
     run_stage(
-        "runs",
-        __doc__,
-        main,
-        arguments=lambda parser: parser.add_argument("names", nargs="*", help="experiments (default: all)"),
+        "runs", __doc__, main, arguments=lambda p: p.add_argument("names", nargs="*", help="experiments (default: all)")
     )

@@ -1,4 +1,5 @@
-"""The TensorFlow input pipelines: record files into memory, then batches for training and evaluation."""
+"""The TensorFlow input pipelines: record files into memory, then batches for training and evaluation: raw uint8
+pixels (the model scales them itself) and int64 labels, as Keras' loss wants them."""
 
 from __future__ import annotations
 
@@ -30,17 +31,13 @@ def recorded_count(summary: Path, *keys: str) -> int:
 
 
 def load_examples(path: Path, expected_count: int | None = None) -> Examples:
-    """Read a TFRecord file of Examples with TensorFlow (batched parsing) into uint8 arrays;
-    StageError if it is damaged or, given `expected_count`, holds another number of records."""
+    """A TFRecord file of Examples, parsed by TensorFlow in batches, as uint8 arrays; StageError if it is damaged
+    or, given `expected_count`, holds another number of records."""
     import tensorflow as tf
 
-    feature_spec = {
-        "image": tf.io.FixedLenFeature([], tf.string),
-        "label": tf.io.FixedLenFeature([], tf.int64),
-    }
-
     def parse_batch(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        parsed = tf.io.parse_example(serialized, feature_spec)
+        spec = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
+        parsed = tf.io.parse_example(serialized, spec)
         images = tf.io.decode_raw(parsed["image"], tf.uint8, fixed_length=IMAGE_BYTES)
         framed_bytes = tf.reduce_sum(tf.strings.length(serialized, unit="BYTE") + FRAMING_BYTES)
         return tf.reshape(images, (-1, *IMAGE_SHAPE)), tf.cast(parsed["label"], tf.uint8), framed_bytes
@@ -58,11 +55,11 @@ def load_examples(path: Path, expected_count: int | None = None) -> Examples:
         raise StageError(f"{path}: not a TFRecord file of MNIST examples: {first_line(exc)}") from exc
     if not batches:
         raise StageError(f"{path}: contains no records")
+    images, labels, sizes = zip(*batches, strict=True)
     # TensorFlow silently drops a last record cut off inside its 12-byte header.
-    read_bytes, file_bytes = sum(b[2] for b in batches), Path(path).stat().st_size
-    if read_bytes != file_bytes:
-        raise StageError(f"{path}: truncated: {file_bytes - read_bytes} bytes after the last complete record")
-    examples = Examples(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
+    if (file_bytes := Path(path).stat().st_size) != sum(sizes):
+        raise StageError(f"{path}: truncated: {file_bytes - sum(sizes)} bytes after the last complete record")
+    examples = Examples(np.concatenate(images), np.concatenate(labels))
     if expected_count is not None and len(examples.labels) != expected_count:
         raise StageError(
             f"{path}: {len(examples.labels)} records, expected {expected_count} as its stage wrote it "
@@ -71,27 +68,17 @@ def load_examples(path: Path, expected_count: int | None = None) -> Examples:
     return examples
 
 
-def model_inputs(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Raw uint8 pixels (the model scales them itself) and int64 labels, as Keras' loss wants them."""
-    import tensorflow as tf
-
-    return images, tf.cast(labels, tf.int64)
-
-
 def training_dataset(examples: Examples, batch_size: int, shuffle_buffer: int, seed: int) -> tf.data.Dataset:
-    """Batches reshuffled every epoch with `shuffle_buffer` and `seed`.
-
-    The images stay in memory as one tensor; what is shuffled is their indices, and each batch is
-    gathered at once. Same order as shuffling the examples themselves, at half the CPU cost.
-    """
+    """Batches reshuffled every epoch with `shuffle_buffer` and `seed`. What is shuffled is the indices of the
+    images, kept in memory as one tensor: the same order as shuffling the examples, at half the CPU cost."""
     import tensorflow as tf
 
-    images, labels = tf.constant(examples.images), tf.constant(examples.labels)
+    images, labels = tf.constant(examples.images), tf.constant(examples.labels.astype(np.int64))
     return (
         tf.data.Dataset.range(len(examples.labels))
         .shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         .batch(batch_size)
-        .map(lambda indices: model_inputs(tf.gather(images, indices), tf.gather(labels, indices)))
+        .map(lambda indices: (tf.gather(images, indices), tf.gather(labels, indices)))
         .prefetch(tf.data.AUTOTUNE)
     )
 
@@ -99,9 +86,5 @@ def training_dataset(examples: Examples, batch_size: int, shuffle_buffer: int, s
 def evaluation_dataset(examples: Examples) -> tf.data.Dataset:
     import tensorflow as tf
 
-    return (
-        tf.data.Dataset.from_tensor_slices((examples.images, examples.labels))
-        .batch(EVAL_BATCH_SIZE)
-        .map(model_inputs)
-        .cache()
-    )
+    batches = tf.data.Dataset.from_tensor_slices((examples.images, examples.labels.astype(np.int64)))
+    return batches.batch(EVAL_BATCH_SIZE).cache()

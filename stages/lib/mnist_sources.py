@@ -1,7 +1,5 @@
-"""The two sources of MNIST: the official IDX files in `data/raw/mnist/`, or tensorflow-datasets.
-
-Both give the same thing: uint8 images of shape (N, 28, 28, 1) and uint8 labels 0-9.
-"""
+"""The two sources of MNIST, the official IDX files in `data/raw/mnist/` or tensorflow-datasets: both give uint8
+images of shape (N, 28, 28, 1) and uint8 labels 0-9."""
 
 from __future__ import annotations
 
@@ -25,8 +23,6 @@ PINNED_SHA256 = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
-IDX_PREFIXES = {"train": "train", "test": "t10k"}  # split -> file name prefix
-
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 
@@ -35,23 +31,6 @@ class Dataset(NamedTuple):
     train: Examples
     test: Examples
     sha256: dict[str, str]  # file name -> SHA-256 of its uncompressed content; empty for tfds
-
-
-def find_idx_file(raw_dir: Path, name: str) -> Path:
-    """The file `name` in `raw_dir`, gzipped or not."""
-    for candidate in (raw_dir / f"{name}.gz", raw_dir / name):
-        if candidate.is_file():
-            return candidate
-    raise StageError(f"{raw_dir / name}[.gz]: file not found (expected the official MNIST IDX file)")
-
-
-def read_raw_bytes(path: Path) -> bytes:
-    """The uncompressed content of an IDX file, gzipped or not."""
-    try:
-        data = path.read_bytes()
-        return gzip.decompress(data) if path.suffix == ".gz" else data
-    except (OSError, EOFError, zlib.error) as exc:
-        raise StageError(f"{path}: cannot decompress or read: {exc}") from exc
 
 
 def parse_idx(data: bytes, expected_magic: int, origin: str) -> np.ndarray:
@@ -72,24 +51,30 @@ def parse_idx(data: bytes, expected_magic: int, origin: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
 
 
+def read_idx(raw_dir: Path, name: str, magic: int, expected_sha256: str) -> tuple[Path, np.ndarray]:
+    """The IDX file `name` in `raw_dir`, gzipped or not, its SHA-256 verified, decoded; and its path."""
+    path = next((p for p in (raw_dir / f"{name}.gz", raw_dir / name) if p.is_file()), None)
+    if path is None:
+        raise StageError(f"{raw_dir / name}[.gz]: file not found (expected the official MNIST IDX file)")
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise StageError(f"{path}: cannot decompress or read: {exc}") from exc
+    if (sha256 := hashlib.sha256(data).hexdigest()) != expected_sha256:
+        raise StageError(
+            f"{path}: SHA-256 mismatch of the uncompressed content: expected {expected_sha256}, got {sha256}"
+        )
+    return path, parse_idx(data, magic, str(path))
+
+
 def load_idx(raw_dir: Path = RAW_DIR, expected_sha256: dict[str, str] = PINNED_SHA256) -> Dataset:
-    """Read and verify the four IDX files: magic numbers, shapes, counts, labels and SHA-256."""
-    splits: dict[str, Examples] = {}
-    hashes: dict[str, str] = {}
-    for split, prefix in IDX_PREFIXES.items():
-        arrays = []
-        for kind, magic in (("images", IDX_IMAGES_MAGIC), ("labels", IDX_LABELS_MAGIC)):
-            name = f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
-            path = find_idx_file(raw_dir, name)
-            data = read_raw_bytes(path)
-            hashes[name] = hashlib.sha256(data).hexdigest()
-            if hashes[name] != expected_sha256[name]:
-                raise StageError(
-                    f"{path}: SHA-256 mismatch of the uncompressed content: "
-                    f"expected {expected_sha256[name]}, got {hashes[name]}"
-                )
-            arrays.append((path, parse_idx(data, magic, str(path))))
-        (images_path, images), (labels_path, labels) = arrays
+    """Read and verify the four IDX files: SHA-256, magic numbers, shapes, counts and labels."""
+    splits, hashes = [], {}
+    for prefix in ("train", "t10k"):
+        images_name, labels_name = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+        images_path, images = read_idx(raw_dir, images_name, IDX_IMAGES_MAGIC, expected_sha256[images_name])
+        labels_path, labels = read_idx(raw_dir, labels_name, IDX_LABELS_MAGIC, expected_sha256[labels_name])
+        hashes |= {name: expected_sha256[name] for name in (images_name, labels_name)}  # verified by read_idx
         if images.shape[1:] != IMAGE_SHAPE[:2]:
             raise StageError(f"{images_path}: expected 28x28 images, got {images.shape[1]}x{images.shape[2]}")
         if len(images) != len(labels):
@@ -98,8 +83,8 @@ def load_idx(raw_dir: Path = RAW_DIR, expected_sha256: dict[str, str] = PINNED_S
             )
         if labels.size and labels.max() >= NUM_CLASSES:
             raise StageError(f"{labels_path}: labels must be 0-9, found {int(labels.max())}")
-        splits[split] = Examples(images.reshape(-1, *IMAGE_SHAPE), labels)
-    return Dataset(splits["train"], splits["test"], hashes)
+        splits.append(Examples(images.reshape(-1, *IMAGE_SHAPE), labels))
+    return Dataset(*splits, hashes)
 
 
 def load_tfds(data_dir: str | None) -> Dataset:

@@ -1,42 +1,29 @@
-"""The MLflow model that train logs (MLflow's "models from code": this file is copied into the
-model and run by `mlflow.pyfunc.load_model` and `mlflow models serve`; it imports nothing of ours).
-
-It wraps the very `.keras` file that DVC versions, predicts without Keras' progress bar (which the
-TensorFlow flavour prints on every call), and checks its input itself: the logged signature has no
-input schema, because MLflow's server casts JSON and CSV to the schema's dtype before the model sees
-it, and a cast to uint8 turns 0.5 into 0 without a word.
-"""
+"""The MLflow model that train logs, as MLflow's "models from code" (this file is copied into the model, so it
+imports nothing of ours): the `.keras` file that DVC versions, predicting without Keras' progress bar, checking its
+input itself. The signature has no input schema: MLflow's server casts JSON and CSV to the schema's dtype first,
+and a cast to uint8 turns 0.5 into 0 without a word."""
 
 import mlflow
 import numpy as np
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 SIDE = 28
-SHAPES = {(SIDE, SIDE, 1), (SIDE, SIDE), (SIDE * SIDE,)}  # one image: as the model takes it, no channel, a table row
+SHAPES = {(SIDE, SIDE, 1), (SIDE, SIDE), (SIDE * SIDE,)}  # one image: the model's, no channel, a table row
 
 
 class InvalidInput(mlflow.exceptions.MlflowException):
-    """Bad input: MLflow's server answers HTTP 400 with this message alone. (For any other model error it
-    replaces the message with "Failed to predict data '<the whole input, printed>'. Error: <message>".)"""
+    """Bad input: MLflow's server answers HTTP 400 with this message alone. (It sets every MlflowException's
+    message to "Failed to predict data '<the whole input, printed>'. Error: <message>": `message` ignores that.)"""
 
     def __init__(self, message: str):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
-    @property
-    def message(self) -> str:
-        return self.args[0]
-
-    @message.setter
-    def message(self, _: str) -> None:
-        pass
+    message = property(lambda self: self.args[0], lambda self, _: None)
 
 
 def images(model_input) -> np.ndarray:
-    """The uint8 images (n, 28, 28, 1) in `model_input`, which must hold n images of gray levels: whole
-    numbers 0-255, as an array of shape (n, 28, 28, 1), (n, 28, 28) or (n, 784), or a table of n rows of
-    784 pixels (a pandas DataFrame: what the server makes of `dataframe_split` and CSV). A whole number
-    written as a float (7.0) is accepted: JSON and CSV do not tell 7 from 7.0. Anything else, and an
-    image whose brightest pixel is 1 (gray levels scaled to 0-1), raises InvalidInput."""
+    """The uint8 images (n, 28, 28, 1) in `model_input`: n images of whole numbers 0-255 (7.0 too: JSON and CSV
+    do not tell it from 7) as an array or a DataFrame (the server's `dataframe_split` and CSV); else InvalidInput."""
     pixels = np.asarray(model_input.to_numpy() if hasattr(model_input, "to_numpy") else model_input)
     if pixels.shape[1:] not in SHAPES:
         raise InvalidInput(
