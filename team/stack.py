@@ -43,6 +43,8 @@ import urllib.request
 from base64 import b64encode
 from pathlib import Path
 
+import psutil
+
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / ".team-stack"
 SERVICES = ("postgres", "s3", "mlflow")  # start order; stop goes the other way
 DEFAULT_PORTS = {"postgres": 15432, "s3": 19000, "mlflow": 15000}
@@ -129,21 +131,16 @@ def _write_state(folder: Path, state: dict) -> None:
     tmp.replace(_state_path(folder))
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks (guards against a reused pid), None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return None if fields[0] == "Z" else fields[19]
-
-
-def _running_pid(state: dict, service: str) -> int | None:
+def _running(state: dict, service: str) -> psutil.Process | None:
+    """The service's process if it runs (no zombie): its pid, started when recorded (else another has the pid)."""
     entry = state["pids"].get(service)
-    if entry and _start_time(entry["pid"]) == entry["start"]:
-        return entry["pid"]
-    return None
+    try:
+        proc = psutil.Process(entry["pid"])
+        # To the second: psutil adds the boot time, which a clock adjustment can move.
+        same = abs(proc.create_time() - float(entry["start"])) < 1
+        return proc if same and proc.status() != psutil.STATUS_ZOMBIE else None
+    except (TypeError, psutil.NoSuchProcess):  # TypeError: no entry
+        return None
 
 
 def _port_free(port: int) -> bool:
@@ -194,8 +191,6 @@ def _preflight(services) -> None:
         "postgres": {"psycopg": "psycopg[binary]"},
         "mlflow": {"mlflow": "mlflow", "flask_wtf": "mlflow[auth]", "boto3": "boto3"},
     }
-    if not Path("/proc/self/stat").exists():
-        raise StackError("the team stack runs on Linux only (it follows its processes through /proc)")
     for service in services:
         for module, package in needed.get(service, {}).items():
             if importlib.util.find_spec(module) is None:
@@ -378,7 +373,7 @@ def start(folder: Path | str = DEFAULT_DIR, services=SERVICES, free_ports: bool 
     stack = Stack(folder=folder, ports=dict(state["ports"]))
     if "mlflow" in services:  # it needs the other two
         services = SERVICES
-    to_start = [s for s in SERVICES if s in services and not _running_pid(state, s)]
+    to_start = [s for s in SERVICES if s in services and not _running(state, s)]
     _preflight(to_start)
     for service in to_start:
         if not _port_free(stack.ports[service]):
@@ -389,7 +384,7 @@ def start(folder: Path | str = DEFAULT_DIR, services=SERVICES, free_ports: bool 
         port = stack.ports[service]
         began = time.monotonic()
         proc = _STARTERS[service](stack)
-        state["pids"][service] = {"pid": proc.pid, "start": _start_time(proc.pid)}
+        state["pids"][service] = {"pid": proc.pid, "start": psutil.Process(proc.pid).create_time()}
         _write_state(folder, state)
         if not quiet:
             print(
@@ -406,21 +401,20 @@ def stop(folder: Path | str = DEFAULT_DIR, services=SERVICES, timeout: float = 2
     for service in reversed(SERVICES):
         if service not in services:
             continue
-        pid = _running_pid(state, service)
-        if pid:
+        if proc := _running(state, service):
             # postgres: SIGINT is its fast shutdown; the others stop on SIGTERM (whole process group).
             if service == "postgres":
-                os.kill(pid, signal.SIGINT)
+                proc.send_signal(signal.SIGINT)
             else:
-                os.killpg(pid, signal.SIGTERM)
+                os.killpg(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while _start_time(pid) and time.monotonic() < deadline:
+            while _running(state, service) and time.monotonic() < deadline:
                 with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)  # reap it if it is our child (pytest fixtures)
+                    os.waitpid(proc.pid, os.WNOHANG)  # reap it if it is our child (pytest fixtures)
                 time.sleep(0.05)
-            if _start_time(pid):
+            if _running(state, service):
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+                    os.killpg(proc.pid, signal.SIGKILL)
             stopped.append(service)
         state["pids"].pop(service, None)
     if _state_path(folder).exists():
@@ -431,7 +425,7 @@ def stop(folder: Path | str = DEFAULT_DIR, services=SERVICES, timeout: float = 2
 def status(folder: Path | str = DEFAULT_DIR) -> dict[str, int | None]:
     """{service: pid or None}."""
     state = _read_state(Path(folder).resolve())
-    return {service: _running_pid(state, service) for service in SERVICES}
+    return {service: proc.pid if (proc := _running(state, service)) else None for service in SERVICES}
 
 
 def stack_of(folder: Path | str = DEFAULT_DIR) -> Stack:
