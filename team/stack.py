@@ -7,8 +7,9 @@
 - MLflow: `mlflow server --app-name basic-auth`, runs in PostgreSQL, artifacts in s3://mlflow served through
   the server (--serve-artifacts): clients need no S3 keys.
 
-Everything lives in one folder (default .team-stack/ at the repository root): stack.json (ports, pids),
-postgres/, s3/, mlflow/auth.ini and logs/. Credentials are fixed: see CREDENTIALS.
+Everything lives in one folder, one per machine for all its clones (TEAM_STACK_DIR, default ~/.mnist-team-stack):
+stack.json (ports, pids), postgres/, s3/, mlflow/auth.ini and logs/. Credentials are fixed: see CREDENTIALS.
+`start` also makes the S3 store the clone's default DVC remote, `team`, in .dvc/config.local.
 From Python (pytest fixtures): stack = start(folder, free_ports=True); …; stop(folder)
 """
 
@@ -34,7 +35,8 @@ from pathlib import Path
 
 import psutil
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / ".team-stack"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DIR = Path(os.environ.get("TEAM_STACK_DIR") or Path.home() / ".mnist-team-stack")
 SERVICES = ("postgres", "s3", "mlflow")  # start order; stop goes the other way
 DEFAULT_PORTS = {"postgres": 15432, "s3": 19000, "mlflow": 15000}
 HOST = "127.0.0.1"
@@ -295,6 +297,22 @@ def _start_mlflow(stack: Stack) -> subprocess.Popen:
     return proc
 
 
+def _use_as_dvc_remote(stack: Stack, repo: Path = REPO) -> str:
+    """Make the stack's S3 store `repo`'s default DVC remote `team`, in .dvc/config.local (ignored by git)."""
+    dvc = [_find("dvc", Path(sys.executable).parent), "remote"]
+    for args in (
+        ["add", "--local", "--force", "--default", "team", f"s3://{stack.dvc_bucket}"],
+        ["modify", "--local", "team", "endpointurl", stack.s3_endpoint_url],
+        ["modify", "--local", "team", "access_key_id", stack.aws_access_key_id],
+        ["modify", "--local", "team", "secret_access_key", stack.aws_secret_access_key],
+    ):
+        done = subprocess.run([*dvc, *args], cwd=repo, capture_output=True, text=True)
+        if done.returncode:
+            raise StackError(f"dvc remote {args[0]}: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
+    where = f"s3://{stack.dvc_bucket} at {stack.s3_endpoint_url}"
+    return f"DVC remote `team` ({where}): this clone's default, in {repo / '.dvc' / 'config.local'}"
+
+
 def start(
     folder: Path | str = DEFAULT_DIR, services: Iterable[str] = SERVICES, free_ports: bool = False, quiet: bool = True
 ) -> Stack:
@@ -367,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["start", "stop", "status", "env"])
     parser.add_argument("services", nargs="*", metavar="SERVICE", help=f"any of {', '.join(SERVICES)} (default: all)")
-    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"data folder (default {DEFAULT_DIR})")
+    parser.add_argument(
+        "--dir", type=Path, default=DEFAULT_DIR, help="data folder (default: $TEAM_STACK_DIR or ~/.mnist-team-stack)"
+    )
     parser.add_argument("--free-ports", action="store_true", help="on the first start, pick free ports")
     args = parser.parse_args(argv)
     services = args.services or SERVICES
@@ -379,12 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             stack = start(args.dir, services, free_ports=args.free_ports, quiet=False)
             print(f"stack ready in {time.monotonic() - began:.1f} s; data in {stack.folder}. For clients:")
             print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in stack.client_env().items()))
-            print(
-                f"# DVC without the AWS_* variables: dvc remote add -d team s3://{stack.dvc_bucket}"
-                f" && dvc remote modify team endpointurl {stack.s3_endpoint_url}"
-                f" && dvc remote modify --local team access_key_id {stack.aws_access_key_id}"
-                f" && dvc remote modify --local team secret_access_key {stack.aws_secret_access_key}"
-            )
+            print(_use_as_dvc_remote(stack))
         elif args.command == "stop":
             print("stopped: " + (", ".join(stop(args.dir, services)) or "nothing was running"))
         elif args.command == "status":  # a report: stopped or never started is no error (exit 0)
