@@ -67,7 +67,8 @@ def team_env(stack, **changes: str) -> dict[str, str]:
 
 
 def add_team_remote(repo, stack) -> None:
-    """The README's commands: the remote in .dvc/config, the credentials in the git-ignored config.local."""
+    """docs/team.md's commands for a team's own S3 store (here the stack's): the remote in .dvc/config, the
+    credentials in the git-ignored config.local."""
     run(["dvc", "remote", "add", "-d", "team", f"s3://{stack.dvc_bucket}"], repo)
     run(["dvc", "remote", "modify", "team", "endpointurl", stack.s3_endpoint_url], repo)
     run(["dvc", "remote", "modify", "--local", "team", "access_key_id", stack.aws_access_key_id], repo)
