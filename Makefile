@@ -50,7 +50,8 @@ lint: setup
 bench: setup
 	python bench/run.py
 
-# The local team stack (PostgreSQL, S3, MLflow server with basic auth) on 127.0.0.1, data in .team-stack/.
+# The local team stack (PostgreSQL, S3, MLflow server with basic auth) on 127.0.0.1, one per machine, data in
+# $TEAM_STACK_DIR or ~/.mnist-team-stack; team-start also makes its S3 store this clone's default DVC remote.
 team-start: setup
 	@python team/stack.py start
 

