@@ -10,6 +10,7 @@ import time
 
 import optuna
 import pytest
+import yaml
 from optuna.storages._heartbeat import get_heartbeat_thread
 
 from stages import tune
@@ -32,9 +33,21 @@ def space(**changes):
     return raw
 
 
-def test_the_repository_search_space_is_valid():
+def test_the_repository_search_space_is_valid_and_read_whole():
+    raw = yaml.safe_load((REPO / "search.yaml").read_text())
     searched = load_space(REPO / "search.yaml", BASE)
-    assert searched.trials and searched.ranges and searched.fixed["conv_blocks"] == 2
+    assert searched.fixed == raw["fixed"] and searched.seed == raw["seed"]
+    assert (searched.trials, searched.minutes) == (raw["budget"]["trials"], raw["budget"]["minutes"])
+    assert (searched.warmup_epochs, searched.startup_trials) == (
+        raw["pruner"]["warmup_epochs"],
+        raw["pruner"]["startup_trials"],
+    )
+    assert {key: [r.low, r.high, r.log] for key, r in searched.ranges.items()} == {
+        key: [spec["min"], spec["max"], spec.get("log", False)]
+        for key, spec in raw["parameters"].items()
+        if "min" in spec
+    }
+    assert searched.choices == {key: spec["values"] for key, spec in raw["parameters"].items() if "values" in spec}
 
 
 @pytest.mark.parametrize(
@@ -82,9 +95,7 @@ def test_a_bad_search_space_stops_the_command_before_anything_runs(tmp_path, run
         result.stderr.strip()
         == "tune: error: search.yaml: parameters.dropout: empty range, min 0.5 must be below max 0.2"
     )
-    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml", tmp_path / "search.yaml"] or sorted(
-        p.name for p in tmp_path.iterdir()
-    ) == ["params.yaml", "search.yaml"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml", "search.yaml"]  # nothing written
 
 
 def test_suggested_points_are_in_the_space_valid_and_seeded():
