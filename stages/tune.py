@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from stages.common.cli import Timer, log, run_stage
 from stages.common.errors import StageError, first_line
 from stages.common.params import Params, load_params
-from stages.lib import tracking
+from stages.lib import stop_with_parent, tracking
 from stages.lib.search_space import SEARCH_FILE, Space, load_space, set_arguments, suggest
 
 if TYPE_CHECKING:
@@ -47,19 +47,6 @@ PRUNED_TAG = "tune.pruned"
 EPOCH_LINE = re.compile(r"\bval_accuracy: ([0-9.]+)")
 HEARTBEAT_SECONDS = 10  # a worker that stops beating for GRACE_SECONDS (SIGKILL) has its trial marked failed
 GRACE_SECONDS = 60
-
-
-# Runs a trial's command (argv[2:]) in its process group and, if the tune process argv[1] dies without
-# stopping it (SIGKILL), stops it as Ctrl-C would: without this the trial would train on, unowned.
-_STOPPED_WITH_TUNE = """
-import ctypes, os, signal, subprocess, sys
-signal.signal(signal.SIGINT, lambda *_: None)  # tune's SIGINT is for the stage (SIG_IGN would be inherited)
-signal.signal(signal.SIGHUP, lambda *_: os.killpg(0, signal.SIGINT))
-ctypes.CDLL(None).prctl(1, signal.SIGHUP)  # PR_SET_PDEATHSIG: SIGHUP when the thread that started us ends
-if os.getppid() != int(sys.argv[1]):
-    os.killpg(0, signal.SIGINT)
-sys.exit(subprocess.call(sys.argv[2:]))
-"""
 
 
 class TrialFailed(Exception):
@@ -208,7 +195,7 @@ class Trials:
             if self.stopping.is_set():
                 raise TrialFailed("interrupted before it started")
             process = subprocess.Popen(
-                [sys.executable, "-c", _STOPPED_WITH_TUNE, str(os.getpid()), *command],
+                [sys.executable, stop_with_parent.__file__, str(os.getpid()), *command],  # stopped if tune is killed
                 cwd=self.repo,
                 env=env,
                 stdin=subprocess.DEVNULL,
