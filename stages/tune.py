@@ -33,6 +33,7 @@ from stages.common.cli import Timer, log, run_stage
 from stages.common.errors import StageError, first_line
 from stages.common.params import Params, load_params
 from stages.lib import stop_with_parent, tracking
+from stages.lib.experiments import list_experiments
 from stages.lib.search_space import SEARCH_FILE, Space, load_space, set_arguments, suggest
 
 if TYPE_CHECKING:
@@ -165,7 +166,8 @@ class Trials:
         return [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name, *set_arguments(point)]
 
     def metrics(self, name: str) -> dict[str, Any] | None:
-        return experiment_metrics(self.repo, name)
+        """The metrics of the current commit's DVC experiment `name`, None if it has none."""
+        return next((row.metrics for row in list_experiments(self.repo) if row.name == name), None)
 
     def run(self, command: list[str], log_path: Path, on_epoch: Callable[[int, float], bool]) -> tuple[int, bool]:
         """Run `command`, its output (stdout and stderr, one pipe, read to the end) into `log_path`; call
@@ -225,15 +227,6 @@ class Trials:
             self.stopping.set()
             for process in self._running.values():
                 self._interrupt(process)
-
-
-def experiment_metrics(repo: Path, name: str) -> dict[str, Any] | None:
-    """metrics/train.json of the DVC experiment `name` of the current commit (where DVC keeps it:
-    refs/exps/<commit[:2]>/<commit[2:]>/<name>), None if there is no such experiment."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    ref = f"refs/exps/{head[:2]}/{head[2:]}/{name}"
-    shown = subprocess.run(["git", "show", f"{ref}:metrics/train.json"], cwd=repo, capture_output=True, text=True)
-    return json.loads(shown.stdout) if shown.returncode == 0 else None
 
 
 def objective(

@@ -395,21 +395,3 @@ def test_a_trial_trains_on_unpruned_while_the_study_database_cannot_take_its_epo
     assert (
         "s-0: epoch 1 not reported to the study (could not connect to server); not pruning" in capsys.readouterr().out
     )
-
-
-def test_a_trials_value_is_read_from_its_experiment_of_the_current_commit(tmp_path):
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
-
-    git("init", "-q")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "baseline")
-    head = git("rev-parse", "HEAD")
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics/train.json").write_text('{"epochs": 2, "val_accuracy": 0.97}')
-    git("add", "metrics")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "the experiment")
-    git("update-ref", f"refs/exps/{head[:2]}/{head[2:]}/cnn-3", "HEAD")  # where `dvc exp run -n cnn-3` puts it
-    git("update-ref", "refs/exps/00/0000000000000000000000000000000000000/cnn-4", "HEAD")  # another commit's
-    git("reset", "-q", "--hard", head)
-    assert tune.experiment_metrics(tmp_path, "cnn-3") == {"epochs": 2, "val_accuracy": 0.97}
-    assert tune.experiment_metrics(tmp_path, "cnn-4") is None and tune.experiment_metrics(tmp_path, "cnn-5") is None
