@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -44,8 +43,6 @@ STUDY_DATABASE = "optuna.db"
 DEFAULT_STUDY = "study"
 TRIAL_LOGS = Path(".dvc/tmp/tune")  # one log per trial: DVC's and the stages' output (git and DVC ignore it)
 PRUNED_TAG = "tune.pruned"
-# Keras' end-of-epoch line (verbose=2), as the train stage prints it: "... - val_accuracy: 0.9337 - ..."
-EPOCH_LINE = re.compile(r"\bval_accuracy: ([0-9.]+)")
 HEARTBEAT_SECONDS = 10  # a worker that stops beating for GRACE_SECONDS (SIGKILL) has its trial marked failed
 GRACE_SECONDS = 60
 
@@ -171,21 +168,19 @@ class Trials:
 
     def run(self, command: list[str], log_path: Path, on_epoch: Callable[[int, float], bool]) -> tuple[int, bool]:
         """Run `command`, its output (stdout and stderr, one pipe, read to the end) into `log_path`; call
-        `on_epoch(epoch, val_accuracy)` at each epoch's line and stop the process the first time it returns True.
-        Returns the exit status and whether it was stopped for `on_epoch`."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        `on_epoch(epoch, val_accuracy)` at each epoch's line (train's EPOCH_LINE_PREFIX and JSON) and stop the
+        process the first time it returns True. Returns the exit status and whether it was stopped for `on_epoch`."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", tracking.EPOCH_JSON_ENV: "1"}
         if self.parent_run_id:
             env[tracking.PARENT_RUN_ENV] = self.parent_run_id
         log_path.parent.mkdir(parents=True, exist_ok=True)
         pruned = False
         with open(log_path, "w", buffering=1) as log_file, self._started(command, env) as process:
-            epoch = 0
             for line in process.stdout:
                 log_file.write(line)
-                found = EPOCH_LINE.search(line)
-                if found:
-                    epoch += 1
-                    if on_epoch(epoch, float(found.group(1))) and not pruned:
+                if line.startswith(tracking.EPOCH_LINE_PREFIX):
+                    metrics = json.loads(line.removeprefix(tracking.EPOCH_LINE_PREFIX))
+                    if on_epoch(metrics["epoch"], metrics["val_accuracy"]) and not pruned:
                         pruned = True  # the epoch under way when the signal comes is the last
                         self._interrupt(process)
             status = process.wait()

@@ -138,10 +138,11 @@ def test_set_arguments_round_trip_through_params_yaml_reading():
 
 # ---------------------------------------------------------------- the runner, on a stand-in for `dvc exp run`
 
-# Prints an epoch line as Keras does for each value given, a little apart; on SIGINT it stops after the
+# Prints an epoch line as train does for a program (MNIST_EPOCH_JSON) for each value given, a little apart;
+# on SIGINT it stops after the
 # current epoch's line and exits 130, as the train stage does under DVC; "fail" exits 1. Writes its name into `ran`.
 FAKE_TRIAL = """
-import os, signal, sys, time
+import json, os, signal, sys, time
 from pathlib import Path
 stop = []
 signal.signal(signal.SIGINT, lambda *_: stop.append(1))
@@ -155,7 +156,8 @@ for epoch, value in enumerate(values, 1):
         sys.exit(1)
     time.sleep(0.5)  # time for the signal to come, on a busy machine too
     stopping = bool(stop)  # a signal that comes after this epoch's line stops the next one
-    print(f"540/540 - 1s - accuracy: 0.9 - loss: 0.3 - val_accuracy: {value} - val_loss: 0.3", flush=True)
+    if os.environ.get("MNIST_EPOCH_JSON") == "1":
+        print("train: epoch " + json.dumps({"epoch": epoch, "val_accuracy": float(value)}), flush=True)
     if stopping:
         sys.exit(130)
 """
@@ -218,7 +220,7 @@ def test_the_runner_reads_every_epoch_and_stops_the_trial_at_an_epoch_end(tmp_pa
     assert len(seen) in (3, 4)
     log_text = (tmp_path / "s-0.log").read_text()
     assert "some noise on stderr" in log_text  # stderr read too
-    assert log_text.count("val_accuracy") in (3, 4)  # the signal comes during the next epoch, which ends it
+    assert log_text.count("train: epoch ") in (3, 4)  # the signal comes during the next epoch, which ends it
 
 
 def test_a_trial_behind_the_median_is_pruned_and_makes_no_experiment(tmp_path):
