@@ -113,35 +113,23 @@ def open_study(name: str, storage: optuna.storages.BaseStorage, space: Space) ->
     return study
 
 
-def counted(study: optuna.Study) -> int:
-    """Trials that count against the budget: complete and pruned, by any worker."""
+def trial_counts(study: optuna.Study) -> dict[str, int]:
+    """The study's trials by state ("complete", "pruned", "running", ...: every state, 0 if none), one read."""
     import optuna
 
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=states))
+    counts = {state.name.lower(): 0 for state in optuna.trial.TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name.lower()] += 1
+    return counts
 
 
-def spent(study: optuna.Study) -> int:
-    """The budget spent or being spent: trials complete, pruned or running now, here or on another machine, in
-    one read. A killed worker's trial runs until its heartbeat is GRACE_SECONDS old; then it is failed here and
-    its point queued again, as Optuna does when a trial starts."""
+def stop_at_budget(budget: int) -> optuna.study.MaxTrialsCallback:
+    """Optuna callback, after each trial: start no other once the study's trials done and running, by every
+    worker (it reads the storage), reach the budget."""
     import optuna
 
-    optuna.storages.fail_stale_trials(study)
     state = optuna.trial.TrialState
-    return len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING)))
-
-
-def stop_at_budget(budget: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
-    """Optuna callback, after each trial: start no other once the trials done and those running reach the budget.
-    (Optuna's MaxTrialsCallback counts the finished ones only: two machines that each end a trial while the
-    other's runs would both start one more, past the budget.)"""
-
-    def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if spent(study) >= budget:
-            study.stop()
-
-    return stop
+    return optuna.study.MaxTrialsCallback(budget, states=(state.COMPLETE, state.PRUNED, state.RUNNING))
 
 
 # ---------------------------------------------------------------- one trial: a DVC experiment
@@ -308,7 +296,6 @@ class ParentRun:
 
     def trial_finished(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Optuna callback: the best value so far and its params; the pictures, redrawn."""
-        import optuna
 
         with self._lock, _not_fatal("update the study's run"):
             try:
@@ -321,10 +308,7 @@ class ParentRun:
                 self.client.set_tag(self.run_id, "best.trial", str(best.number))
                 for key, value in best.params.items():
                     self.client.set_tag(self.run_id, f"best.{key}", str(value))
-            counts = {state.name.lower(): 0 for state in optuna.trial.TrialState}
-            for each in study.get_trials(deepcopy=False):
-                counts[each.state.name.lower()] += 1
-            for state, count in counts.items():
+            for state, count in trial_counts(study).items():
                 self.client.log_metric(self.run_id, f"trials_{state}", count, step=trial.number)
             self.draw()
 
@@ -395,14 +379,11 @@ def _space_tags(space: Space) -> dict[str, str]:
 
 def summary(study: optuna.Study) -> list[str]:
     """The lines printed at the end: trials by state, the best value, its params and how to promote it."""
-    import optuna
 
-    trials = study.get_trials(deepcopy=False)
-    count = {state: sum(t.state == state for t in trials) for state in optuna.trial.TrialState}
-    state = optuna.trial.TrialState
+    count = trial_counts(study)
     lines = [
-        f"study {study.study_name}: {len(trials)} trials: {count[state.COMPLETE]} complete, "
-        f"{count[state.PRUNED]} pruned, {count[state.FAIL]} failed, {count[state.RUNNING]} running"
+        f"study {study.study_name}: {sum(count.values())} trials: {count['complete']} complete, "
+        f"{count['pruned']} pruned, {count['fail']} failed, {count['running']} running"
     ]
     try:
         best = study.best_trial
@@ -455,12 +436,16 @@ def main(study: str, trials: int | None, minutes: float | None, jobs: int, stora
     callbacks: list[Callable] = [parent.trial_finished, _logging_trial]
     if budget is not None:
         callbacks.append(stop_at_budget(budget))
-    used, done = spent(the_study), counted(the_study)
-    left = None if budget is None else budget - used
+    # A killed worker's trial stays RUNNING until its heartbeat is GRACE_SECONDS old; then it fails (and its
+    # point is queued again): as Optuna does when a trial starts, but before counting what is left.
+    optuna.storages.fail_stale_trials(the_study)
+    count = trial_counts(the_study)
+    done, running = count["complete"] + count["pruned"], count["running"]
+    left = None if budget is None else budget - done - running
     log(
         "tune",
         f"study {study}: {done} trials done of {budget}"
-        f"{f', {used - done} running' if used > done else ''}; MLflow parent run {parent.run_id}",
+        f"{f', {running} running' if running else ''}; MLflow parent run {parent.run_id}",
     )
     status = "FINISHED"
     with _stopping_on_signals(runner):

@@ -261,7 +261,7 @@ def test_resuming_never_reruns_a_completed_trial(tmp_path):
     trials = FakeTrials(tmp_path, curves)
     optimize(study, searched, trials, 2)
     again, _ = tiny_study(tmp_path)  # a new process: the study from its database
-    assert tune.counted(again) == 2
+    assert tune.trial_counts(again)["complete"] == 2
     optimize(again, searched, trials, 1)
     assert trials.ran() == ["s-0", "s-1", "s-2"]
     assert [t.value for t in again.trials] == [0.9, 0.91, 0.92]
@@ -348,7 +348,7 @@ optimize(study, searched, FakeTrials(folder, {f"s-{n}": [0.9] * epochs for n in 
 
 def test_two_workers_on_one_study_start_no_trial_past_its_budget(tmp_path):
     # Short trials on one, long ones on the other: when the long one ends, the short one's fourth trial runs.
-    # Counting finished trials only (Optuna's MaxTrialsCallback), the long one would start a fifth.
+    # Counting finished trials only, the long one would start a fifth.
     tiny_study(tmp_path)  # the study exists before the workers open it
     workers = [
         subprocess.Popen([sys.executable, "-c", BUDGET_WORKER, str(tmp_path), epochs], cwd=REPO, env=worker_env())
