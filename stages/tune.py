@@ -203,12 +203,13 @@ class EpochReports:
     pruned_at: int | None = None  # the epoch at which the pruner said stop
 
     def on_epoch(self, metrics: dict[str, Any]) -> bool:
-        """Report the epoch; True, once, if the pruner says stop before the last epoch."""
+        """Report the epoch; True, once, if the pruner says stop and stopping saves an epoch (a stop signal
+        ends the epoch under way: from the last but one epoch on, the trial would train all its epochs)."""
         epoch = metrics["epoch"]
         self.values[epoch] = metrics["val_accuracy"]
         try:
             self.trial.report(self.values[epoch], epoch)
-            if self.pruned_at is None and epoch < self.epochs and self.trial.should_prune():
+            if self.pruned_at is None and epoch < self.epochs - 1 and self.trial.should_prune():
                 self.pruned_at = epoch
                 return True
         except Exception as exc:  # the study's database is down: train on, unpruned
@@ -216,7 +217,10 @@ class EpochReports:
         return False
 
     def pruned(self) -> str:
-        return f"pruned after epoch {max(self.values)}"
+        return (
+            f"pruned at epoch {self.pruned_at} (val_accuracy {self.values[self.pruned_at]:.4f} below the median), "
+            f"trained {max(self.values)} of {self.epochs} epochs"
+        )
 
 
 def objective(runner: TrialRunner, space: Space, base: Params) -> Callable[[optuna.Trial], float]:
@@ -243,7 +247,7 @@ def objective(runner: TrialRunner, space: Space, base: Params) -> Callable[[optu
         metrics = runner.experiment_metrics(name)  # made: complete, even if a stop signal came after its end
         if metrics is not None:
             return metrics
-        if reports.pruned_at is not None:
+        if reports.pruned_at is not None and max(reports.values) < reports.epochs:
             trial.set_user_attr("pruned", reports.pruned())
             raise optuna.TrialPruned(f"{name} {reports.pruned()}")
         failure = "interrupted" if runner.stopping.is_set() else f"`dvc exp run` exited {status}"

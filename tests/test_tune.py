@@ -240,7 +240,9 @@ def test_a_trial_behind_the_median_is_pruned_says_when_and_makes_no_experiment(t
     tune.run_trials(study, FakeRunner(tmp_path, steps), searched, BASE, 4)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
     assert study.trials[2].intermediate_values == {1: 0.5, 2: 0.6}  # pruned at 1, stopped at the end of 2
-    assert "tune: trial 2 (s-2): pruned after epoch 2\n" in (capsys.readouterr().out)
+    assert "tune: trial 2 (s-2): pruned at epoch 1 (val_accuracy 0.5000 below the median), trained 2 of 4 epochs\n" in (
+        capsys.readouterr().out
+    )
     assert sorted(path.name for path in (tmp_path / "experiments").iterdir()) == ["s-0.json", "s-1.json", "s-3.json"]
     assert study.best_trial.number == 3 and study.best_value == 0.99
 
@@ -250,14 +252,18 @@ def test_pruning_waits_for_the_warm_up_and_the_first_trials_and_counts_params_ya
     study, searched = tiny_study(tmp_path, startup_trials=2, warmup_epochs=2, epochs=None)
     tune.run_trials(study, FakeRunner(tmp_path, steps), searched, dataclasses.replace(BASE, epochs=4), 3)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
-    assert "tune: trial 2 (s-2): pruned after epoch 3\n" in (capsys.readouterr().out)
+    assert "tune: trial 2 (s-2): pruned at epoch 2 (val_accuracy 0.1000 below the median), trained 3 of 4 epochs\n" in (
+        capsys.readouterr().out
+    )
 
 
 @pytest.mark.parametrize(
     "epochs, warmup_epochs, stops_at",
-    [(5, 1, [1]), (4, 2, [2]), (3, 1, [1]), (4, 3, [3]), (2, 1, [1]), (1, 1, [])],
+    [(5, 1, [1]), (4, 2, [2]), (3, 1, [1]), (4, 3, []), (2, 1, []), (1, 1, [])],
 )
-def test_the_pruner_stops_a_trial_once_and_never_at_its_last_epoch(epochs, warmup_epochs, stops_at):
+def test_the_pruner_stops_a_trial_once_and_only_where_stopping_saves_an_epoch(epochs, warmup_epochs, stops_at):
+    # The stop signal ends the epoch under way: decided at the last but one epoch or later, the trial would
+    # have trained all its epochs anyway.
     pruner = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=warmup_epochs)
     study = optuna.create_study(direction="maximize", pruner=pruner)
     study.add_trial(optuna.trial.create_trial(value=0.9, intermediate_values=dict.fromkeys(range(1, 6), 0.9)))
@@ -267,12 +273,15 @@ def test_the_pruner_stops_a_trial_once_and_never_at_its_last_epoch(epochs, warmu
     ] == stops_at
 
 
-def test_a_trial_whose_stop_signal_comes_after_its_last_epoch_is_complete_with_its_value(tmp_path):
-    steps = {"s-0": [0.9, 0.9, 0.9], "s-1": [0.1, 0.2, 0.3, "wait"]}  # stopped at 1, but it had trained its 3
+@pytest.mark.parametrize("after_the_signal, state, value", [([], "COMPLETE", 0.3), (["fail"], "FAIL", None)])
+def test_a_trial_whose_stop_signal_comes_after_its_last_epoch_is_never_pruned(tmp_path, after_the_signal, state, value):
+    # Pruned at epoch 1 of 3, but the signal comes once the 3 are trained: if the experiment still completes, the
+    # trial is complete with its value; if it fails (train raises the signal it held), the trial failed.
+    steps = {"s-0": [0.9, 0.9, 0.9], "s-1": [0.1, 0.2, 0.3, "wait", *after_the_signal]}
     study, searched = tiny_study(tmp_path, startup_trials=1)
     tune.run_trials(study, FakeRunner(tmp_path, steps), searched, BASE, 2)
     assert (tmp_path / "interrupted/s-1").exists()
-    assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 0.9), ("COMPLETE", 0.3)]
+    assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 0.9), (state, value)]
 
 
 def test_resuming_never_reruns_a_completed_trial(tmp_path):
