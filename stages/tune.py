@@ -274,7 +274,7 @@ def run_trials(
     state = optuna.trial.TrialState
     stops = [lambda study, trial: runner.stopping.is_set() and study.stop()]
     if space.trials is not None:
-        stops.append(optuna.study.MaxTrialsCallback(space.trials, (state.COMPLETE, state.PRUNED, state.RUNNING)))
+        stops.append(optuna.study.MaxTrialsCallback(space.trials, states=(state.COMPLETE, state.PRUNED, state.RUNNING)))
     study.optimize(
         objective(runner, space, base),
         n_trials=n_trials,
@@ -439,6 +439,8 @@ def main(
     storage_url: str | None,
     space_file: Path,
 ) -> None:
+    """Open the study and its parent run, print where the study stands, run trials until the budget is spent
+    (or Ctrl-C), and print the summary."""
     import optuna
 
     timer = Timer()
@@ -468,8 +470,9 @@ def main(
     with _stopping_on_signals(runner):
         if left is None or left > 0:
             run_trials(study, runner, space, base, left, jobs, callbacks=(parent.trial_finished,))
-    if study.get_trials(deepcopy=False):  # other machines' trials too
-        parent.update(study, step=len(study.get_trials(deepcopy=False)) - 1)
+    every_trial = study.get_trials(deepcopy=False)  # other machines' too
+    if every_trial:
+        parent.update(study, step=every_trial[-1].number)
     parent.end("KILLED" if runner.stopping.is_set() else "FINISHED")
     for line in summary(study):
         log("tune", line)
