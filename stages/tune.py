@@ -164,12 +164,12 @@ class TrialRunner:
                 start_new_session=True,  # Ctrl-C reaches tune only; tune decides what the trials get
             )
             self._running.add(process)
+        prefix = tracking.EPOCH_LINE_PREFIX
         try:
             with open(log_path, "w", buffering=1) as log_file:
                 for line in process.stdout:
                     log_file.write(line)
-                    epoch = line.startswith(tracking.EPOCH_LINE_PREFIX)
-                    if epoch and on_epoch(json.loads(line.removeprefix(tracking.EPOCH_LINE_PREFIX))):
+                    if line.startswith(prefix) and on_epoch(json.loads(line.removeprefix(prefix))):
                         _interrupt(process)
             return process.wait()
         finally:
@@ -232,7 +232,7 @@ def objective(runner: TrialRunner, space: Space, base: Params) -> Callable[[optu
         point = suggest(trial, space, base)
         name = f"{trial.study.study_name}-{trial.number}"  # unique: the database numbers the trials
         trial.set_user_attr("experiment", name)
-        metrics = runner.experiment_metrics(name)  # a retried trial whose experiment exists already
+        metrics = runner.experiment_metrics(name)  # an experiment of this name exists already: read, not rerun
         if metrics is None:
             metrics = run_experiment(trial, name, point)
         return float(metrics["val_accuracy"])
