@@ -18,21 +18,21 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.common.cli import Timer, log, run_stage
 from stages.common.errors import StageError, first_line
 from stages.common.params import Params, load_params
-from stages.lib import tracking
+from stages.lib import stop_with_parent, tracking
+from stages.lib.experiments import list_experiments
 from stages.lib.search_space import SEARCH_FILE, Space, load_space, set_arguments, suggest
 
 if TYPE_CHECKING:
@@ -43,36 +43,12 @@ STUDY_DATABASE = "optuna.db"
 DEFAULT_STUDY = "study"
 TRIAL_LOGS = Path(".dvc/tmp/tune")  # one log per trial: DVC's and the stages' output (git and DVC ignore it)
 PRUNED_TAG = "tune.pruned"
-# Keras' end-of-epoch line (verbose=2), as the train stage prints it: "... - val_accuracy: 0.9337 - ..."
-EPOCH_LINE = re.compile(r"\bval_accuracy: ([0-9.]+)")
 HEARTBEAT_SECONDS = 10  # a worker that stops beating for GRACE_SECONDS (SIGKILL) has its trial marked failed
 GRACE_SECONDS = 60
 
 
-# Runs a trial's command (argv[2:]) in its process group and, if the tune process argv[1] dies without
-# stopping it (SIGKILL), stops it as Ctrl-C would: without this the trial would train on, unowned.
-_STOPPED_WITH_TUNE = """
-import ctypes, os, signal, subprocess, sys
-signal.signal(signal.SIGINT, lambda *_: None)  # tune's SIGINT is for the stage (SIG_IGN would be inherited)
-signal.signal(signal.SIGHUP, lambda *_: os.killpg(0, signal.SIGINT))
-ctypes.CDLL(None).prctl(1, signal.SIGHUP)  # PR_SET_PDEATHSIG: SIGHUP when the thread that started us ends
-if os.getppid() != int(sys.argv[1]):
-    os.killpg(0, signal.SIGINT)
-sys.exit(subprocess.call(sys.argv[2:]))
-"""
-
-
 class TrialFailed(Exception):
     """A trial that did not complete (its experiment failed, or it was interrupted): FAIL, the study goes on."""
-
-
-def experiment_name(study: str, number: int) -> str:
-    """The DVC experiment (and MLflow run) name of a trial: unique in a study, since the database numbers trials."""
-    return f"{study}-{number}"
-
-
-def default_storage() -> str:
-    return os.environ.get(STORAGE_ENV) or f"sqlite:///{tracking.repo_root() / STUDY_DATABASE}"
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -114,101 +90,71 @@ def open_study(name: str, storage: optuna.storages.BaseStorage, space: Space) ->
     """Create the study or load it (resume, or another machine's): maximise, seeded TPE, median pruner."""
     import optuna
 
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=space.startup_trials, n_warmup_steps=space.warmup_epochs)
     study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        direction="maximize",
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=space.startup_trials, n_warmup_steps=space.warmup_epochs),
-        load_if_exists=True,
+        study_name=name, storage=storage, direction="maximize", pruner=pruner, load_if_exists=True
     )
-    # Seeded by the trials already there: a new study draws from `seed` itself, but a second machine
-    # joining (or a resume) must not draw the same sequence again: with one seed, two machines were
-    # seen suggesting the same first points.
+    # Seeded by the trials already there: a second machine joining (or a resume) must not draw the
+    # same sequence again (with one seed, two machines were seen suggesting the same first points).
     study.sampler = optuna.samplers.TPESampler(seed=space.seed + len(study.trials))
     return study
 
 
-def counted(study: optuna.Study) -> int:
-    """Trials that count against the budget: complete and pruned, by any worker."""
+def trial_counts(study: optuna.Study) -> dict[str, int]:
+    """The study's trials by state ("complete", "pruned", "running", ...: every state, 0 if none), one read."""
     import optuna
 
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=states))
+    counts = {state.name.lower(): 0 for state in optuna.trial.TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name.lower()] += 1
+    return counts
 
 
-def spent(study: optuna.Study) -> int:
-    """The budget spent or being spent: trials complete, pruned or running now, here or on another machine, in
-    one read. A killed worker's trial runs until its heartbeat is GRACE_SECONDS old; then it is failed here and
-    its point queued again, as Optuna does when a trial starts."""
-    import optuna
-
-    optuna.storages.fail_stale_trials(study)
-    state = optuna.trial.TrialState
-    return len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING)))
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no trial complete yet
+        return None
 
 
-def stop_at_budget(budget: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
-    """Optuna callback, after each trial: start no other once the trials done and those running reach the budget.
-    (Optuna's MaxTrialsCallback counts the finished ones only: two machines that each end a trial while the
-    other's runs would both start one more, past the budget.)"""
-
-    def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if spent(study) >= budget:
-            study.stop()
-
-    return stop
+def describe(params: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items()
+    )
 
 
-# ---------------------------------------------------------------- one trial: a DVC experiment
-
-
-class Trials:
-    """Runs trials as `dvc exp run --temp` processes, each in its own process group, and stops them:
-    one (pruned) or all (Ctrl-C), by SIGINT, which DVC ignores while a stage runs and the train stage
-    takes as "stop at the end of this epoch"."""
+class TrialRunner:
+    """Runs trials as `dvc exp run --temp` processes, each in a process group of its own under stop_with_parent
+    (which stops it if tune is killed), and stops them: one (pruned) or all (Ctrl-C), by SIGINT to the group,
+    which DVC ignores while a stage runs and the train stage takes as "stop at the end of this epoch"."""
 
     def __init__(self, repo: Path, parent_run_id: str | None) -> None:
         self.repo = repo
         self.parent_run_id = parent_run_id
         self.stopping = threading.Event()
-        self._running: dict[int, subprocess.Popen] = {}
+        self._running: set[subprocess.Popen] = set()
         self._lock = threading.RLock()  # stop_all, a signal handler, may interrupt the main thread holding it
 
     def command(self, name: str, point: dict[str, Any]) -> list[str]:
         return [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name, *set_arguments(point)]
 
-    def metrics(self, name: str) -> dict[str, Any] | None:
-        return experiment_metrics(self.repo, name)
+    def experiment_metrics(self, name: str) -> dict[str, Any] | None:
+        """The metrics of the current commit's DVC experiment `name`, None if it has none."""
+        return next((row.metrics for row in list_experiments(self.repo) if row.name == name), None)
 
-    def run(self, command: list[str], log_path: Path, on_epoch: Callable[[int, float], bool]) -> tuple[int, bool]:
+    def run(self, command: list[str], log_path: Path, on_epoch: Callable[[dict[str, Any]], bool]) -> int:
         """Run `command`, its output (stdout and stderr, one pipe, read to the end) into `log_path`; call
-        `on_epoch(epoch, val_accuracy)` at each epoch's line and stop the process the first time it returns True.
-        Returns the exit status and whether it was stopped for `on_epoch`."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        `on_epoch` with each epoch's metrics (train's EPOCH_LINE_PREFIX lines) and stop the trial whenever it
+        returns True. Returns the exit status."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", tracking.EPOCH_JSON_ENV: "1"}
         if self.parent_run_id:
             env[tracking.PARENT_RUN_ENV] = self.parent_run_id
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        pruned = False
-        with open(log_path, "w", buffering=1) as log_file, self._started(command, env) as process:
-            epoch = 0
-            for line in process.stdout:
-                log_file.write(line)
-                found = EPOCH_LINE.search(line)
-                if found:
-                    epoch += 1
-                    if on_epoch(epoch, float(found.group(1))) and not pruned:
-                        pruned = True  # the epoch under way when the signal comes is the last
-                        self._interrupt(process)
-            status = process.wait()
-        return status, pruned
-
-    @contextlib.contextmanager
-    def _started(self, command: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen]:
         with self._lock:
             if self.stopping.is_set():
                 raise TrialFailed("interrupted before it started")
             process = subprocess.Popen(
-                [sys.executable, "-c", _STOPPED_WITH_TUNE, str(os.getpid()), *command],
+                [sys.executable, stop_with_parent.__file__, str(os.getpid()), *command],
                 cwd=self.repo,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -217,89 +163,136 @@ class Trials:
                 text=True,
                 start_new_session=True,  # Ctrl-C reaches tune only; tune decides what the trials get
             )
-            self._running[process.pid] = process
+            self._running.add(process)
+        prefix = tracking.EPOCH_LINE_PREFIX
         try:
-            yield process
+            with open(log_path, "w", buffering=1) as log_file:
+                for line in process.stdout:
+                    log_file.write(line)
+                    if line.startswith(prefix) and on_epoch(json.loads(line.removeprefix(prefix))):
+                        _interrupt(process)
+            return process.wait()
         finally:
             with self._lock:
-                self._running.pop(process.pid, None)
+                self._running.discard(process)
             if process.poll() is None:  # tune itself failed: do not leave the trial running unseen
-                self._interrupt(process)
+                _interrupt(process)
                 process.wait()
-
-    @staticmethod
-    def _interrupt(process: subprocess.Popen) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGINT)
 
     def stop_all(self) -> None:
         """Ctrl-C: every running trial stops at its next epoch end; no new one starts."""
         with self._lock:
             self.stopping.set()
-            for process in self._running.values():
-                self._interrupt(process)
+            for process in self._running:
+                _interrupt(process)
 
 
-def experiment_metrics(repo: Path, name: str) -> dict[str, Any] | None:
-    """metrics/train.json of the DVC experiment `name` of the current commit (where DVC keeps it:
-    refs/exps/<commit[:2]>/<commit[2:]>/<name>), None if there is no such experiment."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    ref = f"refs/exps/{head[:2]}/{head[2:]}/{name}"
-    shown = subprocess.run(["git", "show", f"{ref}:metrics/train.json"], cwd=repo, capture_output=True, text=True)
-    return json.loads(shown.stdout) if shown.returncode == 0 else None
+def _interrupt(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
 
 
-def objective(
-    trials: Trials, space: Space, base: Params, study_name: str, mark_run: Callable[[str, dict[str, str]], None]
-) -> Callable[[optuna.Trial], float]:
-    """Optuna's objective: suggest a point, run it as a DVC experiment, report each epoch, prune, return
-    the experiment's val_accuracy (also for a point DVC restores from its run-cache, which trains nothing)."""
+@dataclasses.dataclass
+class EpochReports:
+    """A trial's epochs as train reports them: each to the study, and whether the pruner stops the trial."""
+
+    trial: optuna.Trial
+    name: str
+    epochs: int  # the trial's, from its point or params.yaml
+    values: dict[int, float] = dataclasses.field(default_factory=dict)  # val_accuracy by epoch
+    pruned_at: int | None = None  # the epoch at which the pruner said stop
+
+    def on_epoch(self, metrics: dict[str, Any]) -> bool:
+        """Report the epoch; True, once, if the pruner says stop and stopping saves an epoch (a stop signal
+        ends the epoch under way: from the last but one epoch on, the trial would train all its epochs)."""
+        epoch = metrics["epoch"]
+        self.values[epoch] = metrics["val_accuracy"]
+        try:
+            self.trial.report(self.values[epoch], epoch)
+            if self.pruned_at is None and epoch < self.epochs - 1 and self.trial.should_prune():
+                self.pruned_at = epoch
+                return True
+        except Exception as exc:  # the study's database is down: train on, unpruned
+            log("tune", f"{self.name}: epoch {epoch} not reported to the study ({database_error(exc)}); not pruning")
+        return False
+
+    def pruned(self) -> str:
+        return (
+            f"pruned at epoch {self.pruned_at} (val_accuracy {self.values[self.pruned_at]:.4f} below the median), "
+            f"trained {max(self.values)} of {self.epochs} epochs"
+        )
+
+
+def objective(runner: TrialRunner, space: Space, base: Params) -> Callable[[optuna.Trial], float]:
+    """Optuna's objective: suggest a point, run it as a DVC experiment reporting each epoch, and return the
+    experiment's val_accuracy (also for a point DVC restores from its run-cache, which trains nothing)."""
     import optuna
 
     def run_trial(trial: optuna.Trial) -> float:
         point = suggest(trial, space, base)
-        name = experiment_name(study_name, trial.number)
+        name = f"{trial.study.study_name}-{trial.number}"  # unique: the database numbers the trials
         trial.set_user_attr("experiment", name)
-        done = trials.metrics(name)  # a retried trial whose experiment exists already
-        if done is None:
-            log_path = trials.repo / TRIAL_LOGS / f"{name}.log"
-            log("tune", f"trial {trial.number} ({name}) started: {_describe(point, space)}")
+        metrics = runner.experiment_metrics(name)  # an experiment of this name exists already: read, not rerun
+        if metrics is None:
+            metrics = run_experiment(trial, name, point)
+        return float(metrics["val_accuracy"])
 
-            epochs, last_epoch = [], point.get("epochs", base.epochs)
-
-            def on_epoch(epoch: int, value: float) -> bool:
-                epochs.append(epoch)
-                try:
-                    trial.report(value, epoch)
-                    # Not at the last epoch: the trial is complete by then, stopping it would save nothing.
-                    return epoch < last_epoch and trial.should_prune()
-                except Exception as exc:  # the study's database is down: train on, unpruned
-                    log("tune", f"{name}: epoch {epoch} not reported to the study ({database_error(exc)}); not pruning")
-                    return False
-
-            status, pruned = trials.run(trials.command(name, point), log_path, on_epoch)
-            done = trials.metrics(name) if status == 0 else None  # complete, even if stopped too late
-            if done is None:
-                if pruned:
-                    mark_run(name, {PRUNED_TAG: "true", "tune.study": study_name, "tune.trial": str(trial.number)})
-                    raise optuna.TrialPruned(f"{name} pruned after epoch {epochs[-1]}")
-                failure = "interrupted" if trials.stopping.is_set() else f"`dvc exp run` exited {status}"
-                trial.set_user_attr("failure", f"{failure}; see {log_path}")
-                raise TrialFailed(f"{name}: {failure}")
-        mark_run(name, {"tune.study": study_name, "tune.trial": str(trial.number)})
-        return float(done["val_accuracy"])
+    def run_experiment(trial: optuna.Trial, name: str, point: dict[str, Any]) -> dict[str, Any]:
+        """The experiment's metrics; TrialPruned or TrialFailed if it made none."""
+        searched = {key: value for key, value in point.items() if key not in space.fixed}
+        log("tune", f"trial {trial.number} ({name}) started: {describe(searched)}")
+        reports = EpochReports(trial, name, point.get("epochs", base.epochs))
+        log_path = runner.repo / TRIAL_LOGS / f"{name}.log"
+        status = runner.run(runner.command(name, point), log_path, reports.on_epoch)
+        metrics = runner.experiment_metrics(name)  # made: complete, even if a stop signal came after its end
+        if metrics is not None:
+            return metrics
+        if reports.pruned_at is not None and max(reports.values) < reports.epochs:
+            trial.set_user_attr("pruned", reports.pruned())
+            raise optuna.TrialPruned(f"{name} {reports.pruned()}")
+        failure = "interrupted" if runner.stopping.is_set() else f"`dvc exp run` exited {status}"
+        trial.set_user_attr("failure", f"{failure}; see {log_path}")
+        raise TrialFailed(f"{name}: {failure}")
 
     return run_trial
 
 
-def _describe(point: dict[str, Any], space: Space) -> str:
-    searched = [key for key in point if key not in space.fixed]
-    return ", ".join(
-        f"{key}={point[key]:.4g}" if isinstance(point[key], float) else f"{key}={point[key]}" for key in searched
+def run_trials(
+    study: optuna.Study,
+    runner: TrialRunner,
+    space: Space,
+    base: Params,
+    n_trials: int | None,
+    jobs: int = 1,
+    callbacks: Sequence[Callable] = (),
+) -> None:
+    """Run up to `n_trials` trials (None: no limit), `jobs` at once, calling `callbacks` and printing a line as
+    each ends; start none once the study's trials complete, pruned or running (every worker's:
+    MaxTrialsCallback reads the storage) reach `space.trials`, after `space.minutes`, or on Ctrl-C (stop_all)."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    stops = [lambda study, trial: runner.stopping.is_set() and study.stop()]
+    if space.trials is not None:
+        stops.append(optuna.study.MaxTrialsCallback(space.trials, states=(state.COMPLETE, state.PRUNED, state.RUNNING)))
+    study.optimize(
+        objective(runner, space, base),
+        n_trials=n_trials,
+        timeout=None if space.minutes is None else space.minutes * 60,
+        n_jobs=jobs,
+        catch=(TrialFailed,),
+        callbacks=[*callbacks, log_trial_end, *stops],
     )
 
 
-# ---------------------------------------------------------------- the study's parent run in MLflow
+def log_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    if trial.state.name == "COMPLETE":
+        what = f"val_accuracy {trial.value:.4f}"
+    elif trial.state.name == "PRUNED":
+        what = trial.user_attrs["pruned"]
+    else:
+        what = f"failed: {trial.user_attrs.get('failure', 'see the log above')}"
+    log("tune", f"trial {trial.number} ({trial.user_attrs.get('experiment', '')}): {what}")
 
 
 class ParentRun:
@@ -311,9 +304,8 @@ class ParentRun:
         import mlflow
 
         self.client = mlflow.MlflowClient()
-        self.study = study
         self.experiment_id = experiment_id
-        self._lock = threading.RLock()  # stop_all, a signal handler, may interrupt the main thread holding it
+        self._lock = threading.Lock()  # trials end in several threads; matplotlib is not thread-safe
         run_id = study.user_attrs.get("mlflow.run_id")
         try:
             run = self.client.get_run(run_id) if run_id else None
@@ -325,70 +317,60 @@ class ParentRun:
         else:
             self.client.update_run(run.info.run_id, status="RUNNING")
         self.run_id = run.info.run_id
-        self.client.set_tag(self.run_id, "tune.study", study.study_name)
-        self.client.set_tag(self.run_id, "mlflow.note.content", f"Optuna study '{study.study_name}': {space_file}")
-        for key, value in _space_tags(space).items():
-            self.client.set_tag(self.run_id, key, value)
+        note = f"Optuna study '{study.study_name}': {space_file}"
+        self._tag(self.run_id, {"tune.study": study.study_name, "mlflow.note.content": note, **_space_tags(space)})
         self.client.log_artifact(self.run_id, str(space_file))
 
+    def _tag(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
     def trial_finished(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """Optuna callback: the best value so far and its params; the pictures, redrawn."""
-        import optuna
+        """Optuna callback: tag the trial's run (found by its experiment's name and this parent; none if DVC
+        restored the trial), if it completed or was pruned; then update the study's run."""
+        if trial.state.name in ("COMPLETE", "PRUNED"):
+            name, pruned = trial.user_attrs["experiment"], trial.state.name == "PRUNED"
+            with _not_fatal(f"tag the run of {name}"):
+                query = f"tags.`dvc.experiment` = '{name}' and tags.`mlflow.parentRunId` = '{self.run_id}'"
+                for run in self.client.search_runs([self.experiment_id], query):
+                    tags = {"tune.study": study.study_name, "tune.trial": str(trial.number)}
+                    self._tag(run.info.run_id, tags | ({PRUNED_TAG: "true"} if pruned else {}))
+        self.update(study, trial.number)
 
+    def update(self, study: optuna.Study, step: int) -> None:
+        """The best value so far with its params, the trials by state, and the pictures, redrawn."""
         with self._lock, _not_fatal("update the study's run"):
-            try:
-                best = study.best_trial
-            except ValueError:
-                best = None  # no trial complete yet
+            best = best_trial(study)
             if best is not None:
-                self.client.log_metric(self.run_id, "best_val_accuracy", best.value, step=trial.number)
-                self.client.set_tag(self.run_id, "best.experiment", best.user_attrs.get("experiment", ""))
-                self.client.set_tag(self.run_id, "best.trial", str(best.number))
-                for key, value in best.params.items():
-                    self.client.set_tag(self.run_id, f"best.{key}", str(value))
-            counts = {state.name.lower(): 0 for state in optuna.trial.TrialState}
-            for each in study.get_trials(deepcopy=False):
-                counts[each.state.name.lower()] += 1
-            for state, count in counts.items():
-                self.client.log_metric(self.run_id, f"trials_{state}", count, step=trial.number)
-            self.draw()
+                self.client.log_metric(self.run_id, "best_val_accuracy", best.value, step=step)
+                best_params = {f"best.{key}": str(value) for key, value in best.params.items()}
+                tags = {"best.experiment": best.user_attrs["experiment"], "best.trial": str(best.number)}
+                self._tag(self.run_id, tags | best_params)
+            for state, count in trial_counts(study).items():
+                self.client.log_metric(self.run_id, f"trials_{state}", count, step=step)
+            self._draw(study)
 
-    def draw(self) -> None:
-        """optimization_history.png, param_importances.png, intermediate_values.png (each trial's
-        val_accuracy per epoch; pruned ones stop early) as artifacts; a picture that cannot be drawn
-        yet (importances need two complete trials) is left out."""
+    def _draw(self, study: optuna.Study) -> None:
+        """optimization_history.png, param_importances.png, intermediate_values.png (each trial's val_accuracy
+        per epoch; pruned ones stop early) as artifacts; one that cannot be drawn yet (importances need two
+        complete trials) is left out."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from optuna.visualization import matplotlib as plots
 
+        pictures = ("optimization_history", "param_importances", "intermediate_values")
         with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "experimental", "too few trials for importances"
-            for name, draw in (
-                ("optimization_history", plots.plot_optimization_history),
-                ("param_importances", plots.plot_param_importances),
-                ("intermediate_values", plots.plot_intermediate_values),
-            ):
+            for name in pictures:
                 try:
-                    axes = draw(self.study)
+                    figure = getattr(plots, f"plot_{name}")(study).figure
                 except Exception:  # too few trials for this picture
                     continue
-                figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
                 figure.savefig(Path(folder) / f"{name}.png", bbox_inches="tight", dpi=100)
                 plt.close(figure)
             self.client.log_artifacts(self.run_id, folder)
-
-    def mark_run(self, name: str, tags: dict[str, str]) -> None:
-        """Tag the trial's MLflow run, found by its experiment's name (none if DVC restored the trial)."""
-        with _not_fatal(f"tag the run of {name}"):
-            runs = self.client.search_runs(
-                [self.experiment_id],
-                filter_string=f"tags.`dvc.experiment` = '{name}' and tags.`mlflow.parentRunId` = '{self.run_id}'",
-            )
-            for run in runs:
-                for key, value in tags.items():
-                    self.client.set_tag(run.info.run_id, key, value)
 
     def end(self, status: str) -> None:
         with _not_fatal("end the study's run"):
@@ -415,40 +397,31 @@ def _space_tags(space: Space) -> dict[str, str]:
     return tags
 
 
-# ---------------------------------------------------------------- the command
-
-
 def summary(study: optuna.Study) -> list[str]:
     """The lines printed at the end: trials by state, the best value, its params and how to promote it."""
-    import optuna
-
-    trials = study.get_trials(deepcopy=False)
-    count = {state: sum(t.state == state for t in trials) for state in optuna.trial.TrialState}
-    state = optuna.trial.TrialState
+    count = trial_counts(study)
     lines = [
-        f"study {study.study_name}: {len(trials)} trials: {count[state.COMPLETE]} complete, "
-        f"{count[state.PRUNED]} pruned, {count[state.FAIL]} failed, {count[state.RUNNING]} running"
+        f"study {study.study_name}: {sum(count.values())} trials: {count['complete']} complete, "
+        f"{count['pruned']} pruned, {count['fail']} failed, {count['running']} running"
     ]
-    try:
-        best = study.best_trial
-    except ValueError:
+    best = best_trial(study)
+    if best is None:
         return [*lines, "no trial complete yet"]
-    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
-    name = best.user_attrs.get("experiment", experiment_name(study.study_name, best.number))
+    name = best.user_attrs["experiment"]
     return [
         *lines,
-        f"best: trial {best.number}, val_accuracy {best.value:.4f}: {params}",
+        f"best: trial {best.number}, val_accuracy {best.value:.4f}: {describe(best.params)}",
         f"its experiment: {name}; promote it with: python -m stages.promote {name}",
     ]
 
 
 @contextlib.contextmanager
-def _stopping_on_signals(trials: Trials) -> Iterator[None]:
+def _stopping_on_signals(runner: TrialRunner) -> Iterator[None]:
     """Ctrl-C or SIGTERM: the running trials stop at their next epoch end, and no new one starts."""
 
     def stop(signum: int, frame: Any) -> None:
         log("tune", f"{signal.Signals(signum).name}: stopping the running trials at their next epoch end")
-        trials.stop_all()
+        runner.stop_all()
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -458,86 +431,94 @@ def _stopping_on_signals(trials: Trials) -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def main(study: str, trials: int | None, minutes: float | None, jobs: int, storage: str | None, space: Path) -> None:
+def main(
+    study_name: str,
+    trial_budget: int | None,
+    minutes: float | None,
+    jobs: int,
+    storage_url: str | None,
+    space_file: Path,
+) -> None:
+    """Open the study and its parent run, print where the study stands, run trials until the budget is spent
+    (or Ctrl-C), and print the summary."""
     import optuna
 
     timer = Timer()
-    base = load_params()
-    searched = load_space(space, base)
-    if jobs < 1 or (trials is not None and trials < 1) or (minutes is not None and minutes <= 0):
+    if jobs < 1 or (trial_budget is not None and trial_budget < 1) or (minutes is not None and minutes <= 0):
         raise StageError("--jobs and --trials must be at least 1, --minutes above 0")
-    searched = dataclasses.replace(
-        searched,
-        trials=trials if trials is not None else searched.trials,
-        minutes=minutes if minutes is not None else searched.minutes,
-    )
-    budget, limit = searched.trials, searched.minutes
+    base = load_params()
+    space = load_space(space_file, base)
+    budget = {"trials": trial_budget, "minutes": minutes}
+    space = dataclasses.replace(space, **{key: value for key, value in budget.items() if value is not None})
     experiment_id = tracking.open_experiment(base.mlflow_experiment)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # tune prints each trial's end itself
-    the_study = open_study(study, open_storage(storage or default_storage()), searched)
-    parent = ParentRun(the_study, experiment_id, searched, space)
-    runner = Trials(tracking.repo_root(), parent.run_id)
-    callbacks: list[Callable] = [parent.trial_finished, _logging_trial]
-    if budget is not None:
-        callbacks.append(stop_at_budget(budget))
-    used, done = spent(the_study), counted(the_study)
-    left = None if budget is None else budget - used
+    storage_url = storage_url or os.environ.get(STORAGE_ENV) or f"sqlite:///{tracking.repo_root() / STUDY_DATABASE}"
+    study = open_study(study_name, open_storage(storage_url), space)
+    parent = ParentRun(study, experiment_id, space, space_file)
+    runner = TrialRunner(tracking.repo_root(), parent.run_id)
+    # A killed worker's trial is RUNNING until its heartbeat is GRACE_SECONDS old; then it fails (its point
+    # queued again), as Optuna does when a trial starts: here before counting what is left.
+    optuna.storages.fail_stale_trials(study)
+    count = trial_counts(study)
+    done, running = count["complete"] + count["pruned"], count["running"]
+    also_running = f", {running} running" if running else ""
     log(
         "tune",
-        f"study {study}: {done} trials done of {budget}"
-        f"{f', {used - done} running' if used > done else ''}; MLflow parent run {parent.run_id}",
+        f"study {study_name}: {done} trials done of {space.trials}{also_running}; MLflow parent run {parent.run_id}",
     )
-    status = "FINISHED"
+    left = None if space.trials is None else space.trials - done - running
     with _stopping_on_signals(runner):
         if left is None or left > 0:
-            the_study.optimize(
-                objective(runner, searched, base, study, parent.mark_run),
-                n_trials=left,
-                timeout=None if limit is None else limit * 60,
-                n_jobs=jobs,
-                catch=(TrialFailed,),
-                callbacks=[*callbacks, lambda s, t: runner.stopping.is_set() and s.stop()],
-            )
-        if runner.stopping.is_set():
-            status = "KILLED"
-    parent.trial_finished(the_study, the_study.trials[-1]) if the_study.trials else parent.draw()
-    parent.end(status)
-    for line in summary(the_study):
+            run_trials(study, runner, space, base, left, jobs, callbacks=(parent.trial_finished,))
+    every_trial = study.get_trials(deepcopy=False)  # other machines' too
+    if every_trial:
+        parent.update(study, step=every_trial[-1].number)
+    parent.end("KILLED" if runner.stopping.is_set() else "FINISHED")
+    for line in summary(study):
         log("tune", line)
-    if status == "KILLED":
+    if runner.stopping.is_set():
         log("tune", f"interrupted after {timer}; run the command again to resume")
-    else:
-        log("tune", f"done in {timer}")
-    if status == "KILLED":
         raise KeyboardInterrupt
-
-
-def _logging_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    what = f"val_accuracy {trial.value:.4f}" if trial.value is not None else trial.state.name.lower()
-    if trial.state.name == "FAIL":
-        what = f"failed: {trial.user_attrs.get('failure', 'see the log above')}"
-    if trial.state.name == "PRUNED":
-        what = f"pruned after epoch {max(trial.intermediate_values, default=0)}"
-    log("tune", f"trial {trial.number} ({trial.user_attrs.get('experiment', '')}): {what}")
+    log("tune", f"done in {timer}")
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--study",
+        dest="study_name",
+        metavar="NAME",
         default=DEFAULT_STUDY,
         help=f"the study's name, a prefix of its experiments' names (default: {DEFAULT_STUDY})",
     )
-    parser.add_argument(
-        "--trials", type=int, help="complete + pruned trials the study should have (default: search.yaml's budget)"
+    add(
+        "--trials",
+        dest="trial_budget",
+        metavar="N",
+        type=int,
+        help="complete + pruned trials the study should have (default: search.yaml's budget)",
     )
-    parser.add_argument(
-        "--minutes", type=float, help="stop starting trials after this long (default: search.yaml's budget)"
+    add(
+        "--minutes",
+        metavar="M",
+        type=float,
+        help="stop starting trials after this long (default: search.yaml's budget)",
     )
-    parser.add_argument("--jobs", type=int, default=1, help="trials at once on this machine (default: 1)")
-    parser.add_argument(
-        "--storage", help=f"the study's database URL (default: ${STORAGE_ENV}, else sqlite:///<repo>/{STUDY_DATABASE})"
+    add("--jobs", metavar="N", type=int, default=1, help="trials at once on this machine (default: 1)")
+    add(
+        "--storage",
+        dest="storage_url",
+        metavar="URL",
+        help=f"the study's database URL (default: ${STORAGE_ENV}, else sqlite:///<repo>/{STUDY_DATABASE})",
     )
-    parser.add_argument("--space", type=Path, default=SEARCH_FILE, help=f"the search space (default: {SEARCH_FILE})")
+    add(
+        "--space",
+        dest="space_file",
+        metavar="FILE",
+        type=Path,
+        default=SEARCH_FILE,
+        help=f"the search space (default: {SEARCH_FILE})",
+    )
 
 
 if __name__ == "__main__":

@@ -1,22 +1,26 @@
 """python -m stages.tune, without training: the search space, naming, pruning decisions, resume."""
 
 import contextlib
-import os
+import dataclasses
+import json
+import multiprocessing
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
 
 import optuna
+import psutil
 import pytest
-from optuna.storages._heartbeat import get_heartbeat_thread
+import yaml
 
 from stages import tune
 from stages.common.errors import StageError
 from stages.common.params import load_params
 from stages.lib.search_space import load_space, parse_space, set_arguments, suggest
+from stages.lib.tracking import EPOCH_JSON_ENV, EPOCH_LINE_PREFIX
 from tests.conftest import REAL_PARAMS, REPO
+from tests.e2e import run
 
 BASE = load_params(REAL_PARAMS)
 
@@ -32,9 +36,21 @@ def space(**changes):
     return raw
 
 
-def test_the_repository_search_space_is_valid():
+def test_the_repository_search_space_is_valid_and_read_whole():
+    raw = yaml.safe_load((REPO / "search.yaml").read_text())
     searched = load_space(REPO / "search.yaml", BASE)
-    assert searched.trials and searched.ranges and searched.fixed["conv_blocks"] == 2
+    assert searched.fixed == raw["fixed"] and searched.seed == raw["seed"]
+    assert (searched.trials, searched.minutes) == (raw["budget"]["trials"], raw["budget"]["minutes"])
+    assert (searched.warmup_epochs, searched.startup_trials) == (
+        raw["pruner"]["warmup_epochs"],
+        raw["pruner"]["startup_trials"],
+    )
+    assert {key: [r.low, r.high, r.log] for key, r in searched.ranges.items()} == {
+        key: [spec["min"], spec["max"], spec.get("log", False)]
+        for key, spec in raw["parameters"].items()
+        if "min" in spec
+    }
+    assert searched.choices == {key: spec["values"] for key, spec in raw["parameters"].items() if "values" in spec}
 
 
 @pytest.mark.parametrize(
@@ -82,9 +98,7 @@ def test_a_bad_search_space_stops_the_command_before_anything_runs(tmp_path, run
         result.stderr.strip()
         == "tune: error: search.yaml: parameters.dropout: empty range, min 0.5 must be below max 0.2"
     )
-    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml", tmp_path / "search.yaml"] or sorted(
-        p.name for p in tmp_path.iterdir()
-    ) == ["params.yaml", "search.yaml"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml", "search.yaml"]  # nothing written
 
 
 def test_suggested_points_are_in_the_space_valid_and_seeded():
@@ -125,235 +139,247 @@ def test_set_arguments_round_trip_through_params_yaml_reading():
     ]
 
 
-# ---------------------------------------------------------------- the runner, on a stand-in for `dvc exp run`
+# ---------------------------------------------------------------- trials, on a stand-in for `dvc exp run`
 
-# Prints an epoch line as Keras does for each value given, a little apart; on SIGINT it stops after the
-# current epoch's line and exits 130, as the train stage does under DVC; "fail" exits 1. Writes its name into `ran`.
+# The stand-in (FakeRunner's command): argv[1] is the experiment's name, then one argument per step. A number is
+# an epoch of that val_accuracy, printed as train prints it for a program (when tune sets its variable); "wait"
+# waits for SIGINT (a minute at most), after which the next epoch is the last, as train stops at the end of the
+# epoch under way; "after:FILE" waits until FILE exists; "fail" exits 1. At the end the experiment is complete:
+# experiments/<name>.json holds its val_accuracy. SIGINT is blocked all along: only "wait" takes it, so where a
+# signal comes does not depend on timing. Records its pid in started/<name> and a SIGINT taken in interrupted/<name>.
 FAKE_TRIAL = """
-import os, signal, sys, time
+import json, os, signal, sys, time
 from pathlib import Path
-stop = []
-signal.signal(signal.SIGINT, lambda *_: stop.append(1))
-name, values = sys.argv[1], sys.argv[2:]
-with open(Path(sys.argv[0]).parent / "ran", "a") as ran:
-    ran.write(f"{name} {os.getpid()}\\n")
-print("Running stage 'train':", flush=True)
+name, steps = sys.argv[1], sys.argv[2:]
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+for folder in ("started", "interrupted", "experiments"):
+    Path(folder).mkdir(exist_ok=True)
+Path("started", name).write_text(str(os.getpid()))
 print("some noise on stderr", file=sys.stderr, flush=True)
-for epoch, value in enumerate(values, 1):
-    if value == "fail":
+epoch, value, stopping = 0, None, False
+for step in steps:
+    if step == "fail":
         sys.exit(1)
-    time.sleep(0.5)  # time for the signal to come, on a busy machine too
-    stopping = bool(stop)  # a signal that comes after this epoch's line stops the next one
-    print(f"540/540 - 1s - accuracy: 0.9 - loss: 0.3 - val_accuracy: {value} - val_loss: 0.3", flush=True)
-    if stopping:
-        sys.exit(130)
+    elif step == "wait":
+        if signal.sigtimedwait({signal.SIGINT}, 60) is None:
+            sys.exit(f"{name}: no SIGINT came")
+        Path("interrupted", name).touch()
+        stopping = True
+    elif step.startswith("after:"):
+        while not Path(step.removeprefix("after:")).exists():
+            time.sleep(0.05)
+    else:
+        epoch, value = epoch + 1, float(step)
+        if os.environ.get(EPOCH_JSON_ENV) == "1":
+            print(EPOCH_LINE_PREFIX + json.dumps({"epoch": epoch, "val_accuracy": value}), flush=True)
+        if stopping:
+            sys.exit(130)
+Path("experiments", name + ".json").write_text(json.dumps({"val_accuracy": value}))
 """
 
 
-class FakeTrials(tune.Trials):
-    """Trials whose `dvc exp run` is FAKE_TRIAL printing the curve `curves[name]`; done = its last value."""
+class FakeRunner(tune.TrialRunner):
+    """A TrialRunner in `folder` whose `dvc exp run` is FAKE_TRIAL taking the steps `steps[name]`."""
 
-    def __init__(self, folder, curves):
+    def __init__(self, folder, steps):
         super().__init__(folder, None)
-        self.script = folder / "fake_trial.py"
-        self.script.write_text(FAKE_TRIAL)
-        self.curves, self.done = curves, {}
+        names = f"EPOCH_JSON_ENV, EPOCH_LINE_PREFIX = {EPOCH_JSON_ENV!r}, {EPOCH_LINE_PREFIX!r}\n"
+        (folder / "fake_trial.py").write_text(names + FAKE_TRIAL)
+        self.steps = steps
 
     def command(self, name, point):
-        return [sys.executable, str(self.script), name, *map(str, self.curves[name])]
+        return [sys.executable, "fake_trial.py", name, *map(str, self.steps[name])]
 
-    def metrics(self, name):
-        return self.done.get(name)
-
-    def run(self, command, log_path, on_epoch):
-        status, pruned = super().run(command, log_path, on_epoch)
-        if status == 0:
-            self.done[command[2]] = {"val_accuracy": float(command[-1])}
-        return status, pruned
-
-    def ran(self):
-        path = self.script.parent / "ran"
-        return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
+    def experiment_metrics(self, name):
+        path = self.repo / "experiments" / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
 
-def tiny_study(folder, name="s", startup_trials=2, warmup_epochs=1, epochs=3):
-    pruner = {"startup_trials": startup_trials, "warmup_epochs": warmup_epochs}
-    searched = parse_space(space(pruner=pruner, fixed={"epochs": epochs}), BASE)
-    storage = tune.open_storage(f"sqlite:///{folder / 'optuna.db'}")
-    return tune.open_study(name, storage, searched), searched
+def started(folder):
+    return sorted(path.name for path in (folder / "started").glob("*"))
 
 
-def optimize(study, searched, trials, n, callbacks=None):
-    marked = {}
-    run_trial = tune.objective(
-        trials, searched, BASE, study.study_name, lambda name, tags: marked.setdefault(name, tags)
-    )
-    study.optimize(run_trial, n_trials=n, catch=(tune.TrialFailed,), callbacks=callbacks)
-    return marked
+def tiny_study(folder, trials=4, startup_trials=2, warmup_epochs=1, epochs=3):
+    """The study `s` in folder/optuna.db (created, or opened as another process would); `epochs` None: params.yaml's."""
+    raw = space(budget={"trials": trials}, pruner={"startup_trials": startup_trials, "warmup_epochs": warmup_epochs})
+    searched = parse_space({**raw, "fixed": {} if epochs is None else {"epochs": epochs}}, BASE)
+    return tune.open_study("s", tune.open_storage(f"sqlite:///{folder / 'optuna.db'}"), searched), searched
 
 
-def test_experiment_names_are_the_study_and_the_trial_number():
-    assert tune.experiment_name("cnn", 0) == "cnn-0" and tune.experiment_name("cnn", 12) == "cnn-12"
+def wait_for(condition, what, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {seconds} s"
+        time.sleep(0.1)
 
 
-def test_the_runner_reads_every_epoch_and_stops_the_trial_at_an_epoch_end(tmp_path):
-    trials = FakeTrials(tmp_path, {"s-0": [0.5, 0.6, 0.7, 0.8, 0.9]})
+def test_the_runner_reads_each_epoch_and_stops_the_trial_at_the_end_of_the_epoch_under_way(tmp_path):
+    runner = FakeRunner(tmp_path, {"s-0": [0.5, 0.6, "wait", 0.7, 0.8]})
     seen = []
-    status, pruned = trials.run(
-        trials.command("s-0", {}), tmp_path / "s-0.log", lambda epoch, value: seen.append((epoch, value)) or epoch == 2
+    status = runner.run(
+        runner.command("s-0", {}), tmp_path / "s-0.log", lambda epoch: seen.append(epoch) or len(seen) == 2
     )
-    assert (status, pruned) == (130, True)
-    assert seen[:3] == [(1, 0.5), (2, 0.6), (3, 0.7)]  # stopped once, at the end of the epoch under way
-    assert len(seen) in (3, 4)
+    assert status == 130
+    assert seen == [
+        {"epoch": 1, "val_accuracy": 0.5},
+        {"epoch": 2, "val_accuracy": 0.6},
+        {"epoch": 3, "val_accuracy": 0.7},
+    ]
     log_text = (tmp_path / "s-0.log").read_text()
-    assert "some noise on stderr" in log_text  # stderr read too
-    assert log_text.count("val_accuracy") in (3, 4)  # the signal comes during the next epoch, which ends it
+    assert log_text.count(EPOCH_LINE_PREFIX) == 3 and "some noise on stderr" in log_text  # stderr read too
 
 
-def test_a_trial_behind_the_median_is_pruned_and_makes_no_experiment(tmp_path):
-    curves = {
-        "s-0": [0.90, 0.95, 0.97],
-        "s-1": [0.92, 0.96, 0.98],
-        "s-2": [0.50, 0.60, 0.99],
-        "s-3": [0.93, 0.97, 0.985],
+def test_a_trial_behind_the_median_is_pruned_says_when_and_makes_no_experiment(tmp_path, capsys):
+    steps = {
+        "s-0": [0.90, 0.95, 0.97, 0.98],
+        "s-1": [0.92, 0.96, 0.98, 0.985],
+        "s-2": [0.50, "wait", 0.60, 0.99, 0.99],
+        "s-3": [0.93, 0.97, 0.985, 0.99],
     }
-    study, searched = tiny_study(tmp_path)
-    trials = FakeTrials(tmp_path, curves)
-    marked = optimize(study, searched, trials, 4)
-    states = [t.state.name for t in study.trials]
-    assert states == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
+    study, searched = tiny_study(tmp_path, epochs=4)
+    tune.run_trials(study, FakeRunner(tmp_path, steps), searched, BASE, 4)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
     assert study.trials[2].intermediate_values == {1: 0.5, 2: 0.6}  # pruned at 1, stopped at the end of 2
-    assert marked["s-2"][tune.PRUNED_TAG] == "true" and "s-2" not in trials.done
-    assert study.best_trial.number == 3 and study.best_value == 0.985
+    assert "tune: trial 2 (s-2): pruned at epoch 1 (val_accuracy 0.5000 below the median), trained 2 of 4 epochs\n" in (
+        capsys.readouterr().out
+    )
+    assert sorted(path.name for path in (tmp_path / "experiments").iterdir()) == ["s-0.json", "s-1.json", "s-3.json"]
+    assert study.best_trial.number == 3 and study.best_value == 0.99
 
 
-def test_pruning_waits_for_the_warm_up_and_the_first_trials(tmp_path):
-    curves = {"s-0": [0.9, 0.9, 0.9], "s-1": [0.1, 0.1, 0.95], "s-2": [0.1, 0.1, 0.1]}
-    study, searched = tiny_study(tmp_path, startup_trials=1, warmup_epochs=2)
-    optimize(study, searched, FakeTrials(tmp_path, curves), 3)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "PRUNED"]
-    assert [max(t.intermediate_values) for t in study.trials[1:]] == [3, 3]  # pruned at 2, stopped after 3
+def test_pruning_waits_for_the_warm_up_and_the_first_trials_and_counts_params_yaml_epochs(tmp_path, capsys):
+    steps = {"s-0": [0.9] * 4, "s-1": [0.1] * 4, "s-2": [0.1, 0.1, "wait", 0.1, 0.1]}
+    study, searched = tiny_study(tmp_path, startup_trials=2, warmup_epochs=2, epochs=None)
+    tune.run_trials(study, FakeRunner(tmp_path, steps), searched, dataclasses.replace(BASE, epochs=4), 3)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert "tune: trial 2 (s-2): pruned at epoch 2 (val_accuracy 0.1000 below the median), trained 3 of 4 epochs\n" in (
+        capsys.readouterr().out
+    )
 
 
-def test_a_trial_behind_the_median_at_its_last_epoch_is_complete_not_pruned(tmp_path):
-    curves = {"s-0": [0.9, 0.95], "s-1": [0.9, 0.96], "s-2": [0.95, 0.5]}
-    study, searched = tiny_study(tmp_path, epochs=2)
-    optimize(study, searched, FakeTrials(tmp_path, curves), 3)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "COMPLETE"]
+@pytest.mark.parametrize(
+    "epochs, warmup_epochs, stops_at",
+    [(5, 1, [1]), (4, 2, [2]), (3, 1, [1]), (4, 3, []), (2, 1, []), (1, 1, [])],
+)
+def test_the_pruner_stops_a_trial_once_and_only_where_stopping_saves_an_epoch(epochs, warmup_epochs, stops_at):
+    # The stop signal ends the epoch under way: decided at the last but one epoch or later, the trial would
+    # have trained all its epochs anyway.
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=warmup_epochs)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    study.add_trial(optuna.trial.create_trial(value=0.9, intermediate_values=dict.fromkeys(range(1, 6), 0.9)))
+    reports = tune.EpochReports(study.ask(), "s-1", epochs)
+    assert [
+        epoch for epoch in range(1, epochs + 1) if reports.on_epoch({"epoch": epoch, "val_accuracy": 0.1})
+    ] == stops_at
+
+
+@pytest.mark.parametrize("after_the_signal, state, value", [([], "COMPLETE", 0.3), (["fail"], "FAIL", None)])
+def test_a_trial_whose_stop_signal_comes_after_its_last_epoch_is_never_pruned(tmp_path, after_the_signal, state, value):
+    # Pruned at epoch 1 of 3, but the signal comes once the 3 are trained: if the experiment still completes, the
+    # trial is complete with its value; if it fails (train raises the signal it held), the trial failed.
+    steps = {"s-0": [0.9, 0.9, 0.9], "s-1": [0.1, 0.2, 0.3, "wait", *after_the_signal]}
+    study, searched = tiny_study(tmp_path, startup_trials=1)
+    tune.run_trials(study, FakeRunner(tmp_path, steps), searched, BASE, 2)
+    assert (tmp_path / "interrupted/s-1").exists()
+    assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 0.9), (state, value)]
 
 
 def test_resuming_never_reruns_a_completed_trial(tmp_path):
-    curves = {f"s-{n}": [0.9 + n / 100] for n in range(5)}
+    runner = FakeRunner(tmp_path, {f"s-{n}": [0.9 + n / 100] for n in range(3)})
     study, searched = tiny_study(tmp_path)
-    trials = FakeTrials(tmp_path, curves)
-    optimize(study, searched, trials, 2)
+    tune.run_trials(study, runner, searched, BASE, 2)
     again, _ = tiny_study(tmp_path)  # a new process: the study from its database
-    assert tune.counted(again) == 2
-    optimize(again, searched, trials, 1)
-    assert trials.ran() == ["s-0", "s-1", "s-2"]
+    assert tune.trial_counts(again) == {"running": 0, "waiting": 0, "complete": 2, "pruned": 0, "fail": 0}
+    tune.run_trials(again, runner, searched, BASE, 1)
+    assert started(tmp_path) == ["s-0", "s-1", "s-2"]
     assert [t.value for t in again.trials] == [0.9, 0.91, 0.92]
 
 
 def test_a_trial_whose_experiment_exists_is_read_not_rerun(tmp_path):
     study, searched = tiny_study(tmp_path)
-    trials = FakeTrials(tmp_path, {"s-0": [0.5]})
-    trials.done["s-0"] = {"val_accuracy": 0.97}  # e.g. a worker killed after DVC committed the experiment
-    optimize(study, searched, trials, 1)
-    assert trials.ran() == [] and study.trials[0].value == 0.97
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments/s-0.json").write_text('{"val_accuracy": 0.97}')
+    tune.run_trials(study, FakeRunner(tmp_path, {}), searched, BASE, 1)
+    assert started(tmp_path) == [] and study.trials[0].value == 0.97
 
 
-def test_a_failed_trial_is_recorded_and_the_study_goes_on(tmp_path):
+def test_a_failed_trial_is_recorded_and_the_study_goes_on(tmp_path, capsys):
     study, searched = tiny_study(tmp_path)
-    trials = FakeTrials(tmp_path, {"s-0": [0.9, "fail"], "s-1": [0.9]})
-    optimize(study, searched, trials, 2)
+    tune.run_trials(study, FakeRunner(tmp_path, {"s-0": [0.9, "fail"], "s-1": [0.9]}), searched, BASE, 2)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
-    assert study.trials[0].user_attrs["failure"].startswith("`dvc exp run` exited 1; see ")
+    failure = f"`dvc exp run` exited 1; see {tmp_path / tune.TRIAL_LOGS / 's-0.log'}"
+    assert study.trials[0].user_attrs["failure"] == failure
+    assert f"tune: trial 0 (s-0): failed: {failure}\n" in capsys.readouterr().out
 
 
-def test_stop_all_stops_the_running_trials_and_starts_no_new_one(tmp_path):
-    trials = FakeTrials(tmp_path, {"s-0": [0.5] * 40})
-    threading.Timer(0.5, trials.stop_all).start()
-    status, pruned = trials.run(trials.command("s-0", {}), tmp_path / "s-0.log", lambda e, v: False)
-    assert status == 130 and not pruned
-    with pytest.raises(tune.TrialFailed, match="interrupted"):
-        trials.run(trials.command("s-0", {}), tmp_path / "again.log", lambda e, v: False)
+def test_stop_all_stops_the_running_trials_at_their_epoch_end_and_starts_no_new_one(tmp_path):
+    runner = FakeRunner(tmp_path, {"s-0": [0.5, "wait", 0.5, 0.5]})
+    status = runner.run(runner.command("s-0", {}), tmp_path / "s-0.log", lambda epoch: runner.stop_all())
+    assert status == 130 and (tmp_path / "s-0.log").read_text().count(EPOCH_LINE_PREFIX) == 2
+    study, searched = tiny_study(tmp_path)
+    tune.run_trials(study, runner, searched, BASE, 3)
+    assert [(t.state.name, t.user_attrs.get("failure")) for t in study.trials] == [("FAIL", None)]
+    assert started(tmp_path) == ["s-0"]  # the one run before, none since
 
 
-# One worker of a study on the database in argv[1], its heartbeat every second, its trials FakeTrials.
-WORKER = """
-import sys
-from pathlib import Path
-from stages import tune
-from tests.test_tune import FakeTrials, optimize, tiny_study
-tune.HEARTBEAT_SECONDS, tune.GRACE_SECONDS = 1, 3
-folder = Path(sys.argv[1])
-study, searched = tiny_study(folder)
-optimize(study, searched, FakeTrials(folder, {f"s-{n}": [0.9] * 30 for n in range(3)}), 1)
-"""
+def one_trial_worker(folder):
+    """A worker of the study in `folder`, its heartbeat every second, its trial waiting for SIGINT after epoch 1."""
+    tune.HEARTBEAT_SECONDS, tune.GRACE_SECONDS = 1, 3
+    study, searched = tiny_study(folder)
+    tune.run_trials(study, FakeRunner(folder, {"s-0": [0.9, "wait", 0.9, 0.9]}), searched, BASE, 1)
 
 
-def worker_env():
-    return {**os.environ, "PYTHONPATH": str(REPO)}
-
-
-def test_a_worker_killed_with_sigkill_leaves_a_failed_trial_its_point_is_retried_and_its_trial_stopped(
-    tmp_path, monkeypatch
-):
-    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path)], cwd=REPO, env=worker_env())
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "ran").exists():
-        assert time.monotonic() < deadline and worker.poll() is None
-        time.sleep(0.2)
-    time.sleep(1)  # into its first epochs
+def test_a_sigkilled_worker_stops_its_trial_as_ctrl_c_would_and_its_point_is_retried(tmp_path, monkeypatch):
+    worker = multiprocessing.get_context("spawn").Process(target=one_trial_worker, args=(tmp_path,))
+    worker.start()
+    wait_for(lambda: (tmp_path / "started/s-0").exists(), "trial started")
     worker.kill()
-    worker.wait()
-    time.sleep(4)  # the grace period passes without a heartbeat; the orphaned trial stops at its epoch end
+    worker.join()
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(int((tmp_path / "started/s-0").read_text())).wait(timeout=60)
+    assert (tmp_path / "interrupted/s-0").exists()  # stopped by SIGINT to its group, not left to train on
+
     monkeypatch.setattr(tune, "HEARTBEAT_SECONDS", 1)
     monkeypatch.setattr(tune, "GRACE_SECONDS", 3)
     study, searched = tiny_study(tmp_path)
-    trials = FakeTrials(tmp_path, {"s-1": [0.93] * 3})
-    optimize(study, searched, trials, 1)
+    # The killed worker's trial fails once its heartbeat is GRACE_SECONDS old (and its point is queued again).
+    wait_for(lambda: optuna.storages.fail_stale_trials(study) or study.trials[0].state.name == "FAIL", "stale trial")
+    tune.run_trials(study, FakeRunner(tmp_path, {"s-1": [0.93]}), searched, BASE, 1)
     first, retried = study.trials
     assert (first.state.name, retried.state.name) == ("FAIL", "COMPLETE")
     assert retried.params == first.params and retried.value == 0.93  # the killed trial's point, run again
-    orphan = int((tmp_path / "ran").read_text().split()[1])
-    assert not os.path.exists(f"/proc/{orphan}")  # the killed worker's trial stopped, not left to train on
 
 
-# One of two workers of a study whose budget is 4 trials, as two machines run it: each may run all 4, its
-# trials argv[2] epochs long (half a second each).
-BUDGET_WORKER = """
-import sys
-from pathlib import Path
-from stages import tune
-from tests.test_tune import FakeTrials, optimize, tiny_study
-folder, epochs = Path(sys.argv[1]), int(sys.argv[2])
-study, searched = tiny_study(folder, startup_trials=10)
-optimize(study, searched, FakeTrials(folder, {f"s-{n}": [0.9] * epochs for n in range(8)}), 4, [tune.stop_at_budget(4)])
-"""
+def budget_worker(folder):
+    """A worker of the study in `folder` (budget 4 trials) that may run 4 trials itself, as another machine would.
+    s-0 runs until s-1 has started; s-1 until s-3 is complete."""
+    steps = {"s-0": [0.9, "after:started/s-1"], "s-1": [0.9, "after:experiments/s-3.json"]}
+    study, searched = tiny_study(folder, startup_trials=10)
+    tune.run_trials(study, FakeRunner(folder, steps | {f"s-{n}": [0.9] for n in range(2, 6)}), searched, BASE, 4)
 
 
 def test_two_workers_on_one_study_start_no_trial_past_its_budget(tmp_path):
-    # Short trials on one, long ones on the other: when the long one ends, the short one's fourth trial runs.
-    # Counting finished trials only (Optuna's MaxTrialsCallback), the long one would start a fifth.
+    # A runs s-0, then B s-1 until A has run s-2 and s-3: 3 complete and B's running one make 4. Counting finished
+    # trials only, A would start a fifth.
     tiny_study(tmp_path)  # the study exists before the workers open it
-    workers = [
-        subprocess.Popen([sys.executable, "-c", BUDGET_WORKER, str(tmp_path), epochs], cwd=REPO, env=worker_env())
-        for epochs in ("2", "7")
-    ]
-    assert [worker.wait(timeout=120) for worker in workers] == [0, 0]
+    spawn = multiprocessing.get_context("spawn")
+    a, b = (spawn.Process(target=budget_worker, args=(tmp_path,)) for _ in range(2))
+    a.start()
+    wait_for(lambda: (tmp_path / "started/s-0").exists(), "first trial")
+    b.start()
+    a.join(timeout=120)
+    b.join(timeout=120)
+    assert (a.exitcode, b.exitcode) == (0, 0)
     study, _ = tiny_study(tmp_path)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
-    assert sorted(FakeTrials(tmp_path, {}).ran()) == ["s-0", "s-1", "s-2", "s-3"]
+    assert started(tmp_path) == ["s-0", "s-1", "s-2", "s-3"]
 
 
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_heartbeat_the_database_cannot_take_is_skipped_and_the_next_one_recorded(tmp_path, monkeypatch, capsys):
     # Optuna's heartbeat thread ends at the first error it meets; the trial would be failed while it trains.
-    storage = tune.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
-    storage.heartbeat_interval = 1
-    trial = optuna.create_study(storage=storage).ask()
-    beats = []
+    monkeypatch.setattr(tune, "HEARTBEAT_SECONDS", 1)
+    study = optuna.create_study(storage=tune.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"))
+    beats, recorded = [], threading.Event()
     record = optuna.storages.RDBStorage.record_heartbeat
 
     def down_for_two_beats(self, trial_id):
@@ -361,15 +387,18 @@ def test_a_heartbeat_the_database_cannot_take_is_skipped_and_the_next_one_record
         if len(beats) <= 2:
             raise OSError("could not connect to server")
         record(self, trial_id)
+        recorded.set()
 
     monkeypatch.setattr(optuna.storages.RDBStorage, "record_heartbeat", down_for_two_beats)
-    with get_heartbeat_thread(trial._trial_id, storage):
-        deadline = time.monotonic() + 30
-        while len(beats) < 3:
-            assert time.monotonic() < deadline, "the heartbeat stopped"
-            time.sleep(0.1)
+    study.optimize(
+        lambda trial: float(recorded.wait(timeout=60)), n_trials=1
+    )  # the trial lasts until a beat is recorded
+    assert study.trials[0].value == 1.0 and len(beats) == 3
     with contextlib.closing(sqlite3.connect(tmp_path / "optuna.db")) as database:
-        assert database.execute("SELECT trial_id FROM trial_heartbeats").fetchall() == [(trial._trial_id,)]
+        assert (
+            database.execute("SELECT trial_id FROM trial_heartbeats").fetchall()
+            == database.execute("SELECT trial_id FROM trials").fetchall()
+        )
     assert capsys.readouterr().out.count("tune: heartbeat not recorded (could not connect to server); next try") == 2
 
 
@@ -379,26 +408,30 @@ def test_a_trial_trains_on_unpruned_while_the_study_database_cannot_take_its_epo
 
     study, searched = tiny_study(tmp_path)
     monkeypatch.setattr(optuna.trial.Trial, "report", database_down)
-    optimize(study, searched, FakeTrials(tmp_path, {"s-0": [0.9, 0.91, 0.92]}), 1)
-    assert study.trials[0].state.name == "COMPLETE" and study.trials[0].value == 0.92
-    assert (
-        "s-0: epoch 1 not reported to the study (could not connect to server); not pruning" in capsys.readouterr().out
+    tune.run_trials(study, FakeRunner(tmp_path, {"s-0": [0.9, 0.91, 0.92]}), searched, BASE, 1)
+    assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 0.92)]
+    out = capsys.readouterr().out
+    for epoch in (1, 2, 3):
+        assert f"tune: s-0: epoch {epoch} not reported to the study (could not connect to server); not pruning\n" in out
+
+
+# A pipeline of one stage that writes metrics/train.json as train does, val_accuracy 0.9<epochs>, and prints its
+# epoch line for a program when tune asks for it.
+ONE_EPOCH = """test -z "$MNIST_EPOCH_JSON" || echo 'train: epoch {"epoch": 1, "val_accuracy": 0.9${epochs}}';
+mkdir -p metrics && echo '{"val_accuracy": 0.9${epochs}}' > metrics/train.json"""
+
+
+def test_a_trial_is_a_dvc_experiment_whose_epochs_come_from_trains_line_and_value_from_dvc_exp_show(tmp_path):
+    (tmp_path / "params.yaml").write_text("epochs: 1\n")
+    stage = {"cmd": ONE_EPOCH, "params": ["epochs"], "metrics": [{"metrics/train.json": {"cache": False}}]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"]):
+        run(command, tmp_path)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline"], tmp_path)
+    runner, seen = tune.TrialRunner(tmp_path, None), []
+    status = runner.run(
+        runner.command("cnn-3", {"epochs": 3}), tmp_path / "cnn-3.log", lambda e: seen.append(e) or False
     )
-
-
-def test_a_trials_value_is_read_from_its_experiment_of_the_current_commit(tmp_path):
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
-
-    git("init", "-q")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "baseline")
-    head = git("rev-parse", "HEAD")
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics/train.json").write_text('{"epochs": 2, "val_accuracy": 0.97}')
-    git("add", "metrics")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "the experiment")
-    git("update-ref", f"refs/exps/{head[:2]}/{head[2:]}/cnn-3", "HEAD")  # where `dvc exp run -n cnn-3` puts it
-    git("update-ref", "refs/exps/00/0000000000000000000000000000000000000/cnn-4", "HEAD")  # another commit's
-    git("reset", "-q", "--hard", head)
-    assert tune.experiment_metrics(tmp_path, "cnn-3") == {"epochs": 2, "val_accuracy": 0.97}
-    assert tune.experiment_metrics(tmp_path, "cnn-4") is None and tune.experiment_metrics(tmp_path, "cnn-5") is None
+    assert (status, seen) == (0, [{"epoch": 1, "val_accuracy": 0.93}])
+    assert runner.experiment_metrics("cnn-3") == {"val_accuracy": 0.93}
+    assert runner.experiment_metrics("cnn-4") is None

@@ -36,17 +36,18 @@ def test_a_tiny_study_runs_each_trial_as_an_experiment_under_one_parent_run(repo
     run(["git", "commit", "-qm", "tiny search space"], repo)
 
     result = tune(repo, "--study", "tiny", "--jobs", "2")
-    assert "tune: study tiny: 4 trials: " in result.stdout and "python -m stages.promote tiny-" in result.stdout
+    assert "tune: study tiny: 4 trials: 4 complete, 0 pruned, 0 failed, 0 running\n" in result.stdout
+    assert "python -m stages.promote tiny-" in result.stdout
 
+    # Two epochs: a prune decided at epoch 1 would stop the trial at the end of epoch 2, its last; none is pruned.
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{repo / 'optuna.db'}")
-    states = {t.number: t.state.name for t in study.trials}
-    assert sorted(states) == [0, 1, 2, 3] and set(states.values()) <= {"COMPLETE", "PRUNED"}
+    assert [(t.number, t.state.name, sorted(t.intermediate_values)) for t in study.trials] == [
+        (n, "COMPLETE", [1, 2]) for n in range(4)
+    ]
     shown = experiments_shown(repo)
-    complete = {f"tiny-{n}" for n, state in states.items() if state == "COMPLETE"}
-    assert {name for name in shown if name.startswith("tiny-")} == complete  # pruned trials make none
-    for n, state in states.items():
-        if state == "COMPLETE":
-            assert study.trials[n].value == shown[f"tiny-{n}"]["metrics/train.json"]["data"]["val_accuracy"]
+    assert sorted(name for name in shown if name.startswith("tiny-")) == [f"tiny-{n}" for n in range(4)]
+    for trial in study.trials:
+        assert trial.value == shown[f"tiny-{trial.number}"]["metrics/train.json"]["data"]["val_accuracy"]
 
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mnist-dnn")
@@ -61,15 +62,16 @@ def test_a_tiny_study_runs_each_trial_as_an_experiment_under_one_parent_run(repo
     assert {"optimization_history.png", "param_importances.png", "intermediate_values.png", "tiny.yaml"} <= artifacts
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_name = {child.info.run_name: child for child in children}
-    assert sorted(by_name) == sorted(f"tiny-{n}" for n in states)
-    for n, state in states.items():
-        child = by_name[f"tiny-{n}"]
-        history = client.get_metric_history(child.info.run_id, "val_accuracy")
-        if state == "PRUNED":
-            assert child.info.status == "KILLED" and child.data.tags[PRUNED_TAG] == "true"
-            assert len(history) == len(study.trials[n].intermediate_values) >= 1  # its curve, kept
-        else:
-            assert child.info.status == "FINISHED" and PRUNED_TAG not in child.data.tags and len(history) == 2
+    assert sorted(by_name) == [f"tiny-{n}" for n in range(4)]
+    for n, child in enumerate(by_name[f"tiny-{n}"] for n in range(4)):
+        assert (
+            child.info.status == "FINISHED" and len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 2
+        )
+        assert {key: child.data.tags.get(key) for key in ("tune.study", "tune.trial", PRUNED_TAG)} == {
+            "tune.study": "tiny",
+            "tune.trial": str(n),
+            PRUNED_TAG: None,
+        }
 
     # Run again: the budget is spent; nothing is trained, no experiment added.
     again = tune(repo, "--study", "tiny", "--jobs", "2")

@@ -52,12 +52,13 @@ class Params:
         return dataclasses.asdict(self)
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer and not a bool (to Python, YAML's true is the integer 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def _is_name(value: Any) -> bool:
@@ -69,22 +70,22 @@ _RULES: dict[str, tuple[Any, str]] = {
     "source": (lambda v: v in SOURCES, f"one of {', '.join(SOURCES)}"),
     # '' rather than null for the default: `dvc exp run -S` rewrites null as an empty value.
     "tfds_data_dir": (lambda v: isinstance(v, str), "a directory path, or '' for tfds' default"),
-    "seed": (lambda v: _is_int(v) and 0 <= v < 2**31, "an integer in [0, 2147483647]"),
+    "seed": (lambda v: is_int(v) and 0 <= v < 2**31, "an integer in [0, 2147483647]"),
     "validation_fraction": (lambda v: _is_number(v) and 0 < v < 1, "a number strictly between 0 and 1"),
-    "shuffle_buffer": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "shuffle_buffer": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "epochs": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     # Each conv block (3x3 conv, no padding, 2x2 pooling) shrinks the image: 28 -> 13 -> 5 -> 1.
-    "conv_blocks": (lambda v: _is_int(v) and 0 <= v <= 3, "an integer in [0, 3]"),
-    "conv_filters": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "hidden_layers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "hidden_layer_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "conv_blocks": (lambda v: is_int(v) and 0 <= v <= 3, "an integer in [0, 3]"),
+    "conv_filters": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "hidden_layers": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "hidden_layer_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "learning_rate": (lambda v: _is_number(v) and v > 0, "a number > 0"),
     "lr_schedule": (lambda v: v in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
-    "augment_shift": (lambda v: _is_int(v) and 0 <= v <= 8, "an integer number of pixels in [0, 8]"),
+    "augment_shift": (lambda v: is_int(v) and 0 <= v <= 8, "an integer number of pixels in [0, 8]"),
     "augment_rotation": (lambda v: _is_number(v) and 0 <= v <= 45, "a number of degrees in [0, 45]"),
-    "early_stopping_patience": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no early stopping)"),
+    "early_stopping_patience": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: no early stopping)"),
     "numerics": (lambda v: v in NUMERICS, f"one of {', '.join(NUMERICS)}"),
     "mlflow_experiment": (_is_name, "a non-empty string"),
     "registered_model": (_is_name, "a non-empty string"),

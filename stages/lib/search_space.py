@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.errors import StageError
-from stages.common.params import Params, parse_params, read_yaml
+from stages.common.params import Params, is_int, parse_params, read_yaml
 
 SEARCH_FILE = Path("search.yaml")
 METRIC = "val_accuracy"  # maximised; test accuracy is never an objective
@@ -44,9 +44,6 @@ class Space:
     warmup_epochs: int  # the pruner never stops a trial before this many epochs
     startup_trials: int  # ... nor before this many trials have finished
 
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def _fail(origin: str, message: str) -> StageError:
     return StageError(f"{origin}: {message}")
@@ -60,16 +57,21 @@ def _mapping(value: Any, what: str, origin: str) -> dict:
     return value
 
 
+def _section(raw: dict, name: str, allowed: tuple[str, ...], origin: str) -> dict:
+    """raw[name] as a mapping, {} if absent, its keys among `allowed`."""
+    section = _mapping(raw.get(name), name, origin)
+    for key in section:
+        if key not in allowed:
+            raise _fail(origin, f"unknown key '{name}.{key}'; allowed keys: {', '.join(allowed)}")
+    return section
+
+
 def _check_value(base: Params, key: str, value: Any, origin: str, what: str) -> None:
     """params.yaml's validation of `value` for `key`, its message prefixed with where it came from."""
     try:
         parse_params({**base.as_dict(), key: value}, origin)
     except StageError as exc:
         raise StageError(f"{exc}{what}") from None
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse_space(raw: Any, base: Params, origin: str = str(SEARCH_FILE)) -> Space:
@@ -82,28 +84,22 @@ def parse_space(raw: Any, base: Params, origin: str = str(SEARCH_FILE)) -> Space
     if metric != METRIC:
         raise _fail(origin, f"metric must be {METRIC} (maximised; never a test metric), got {metric!r}")
     seed = raw.get("seed", 0)
-    if not _integer(seed) or not 0 <= seed < 2**32:
+    if not (is_int(seed) and 0 <= seed < 2**32):
         raise _fail(origin, f"seed must be an integer in [0, 4294967295], got {seed!r}")
 
-    budget = _mapping(raw.get("budget"), "budget", origin)
-    for key in budget:
-        if key not in ("trials", "minutes"):
-            raise _fail(origin, f"unknown key 'budget.{key}'; allowed keys: trials, minutes")
+    budget = _section(raw, "budget", ("trials", "minutes"), origin)
     trials, minutes = budget.get("trials"), budget.get("minutes")
-    if trials is not None and not (_integer(trials) and trials >= 1):
+    if trials is not None and not (is_int(trials) and trials >= 1):
         raise _fail(origin, f"budget.trials must be an integer >= 1, got {trials!r}")
     if minutes is not None and not (isinstance(minutes, int | float) and not isinstance(minutes, bool) and minutes > 0):
         raise _fail(origin, f"budget.minutes must be a number > 0, got {minutes!r}")
     if trials is None and minutes is None:
         raise _fail(origin, "budget needs trials, minutes or both")
 
-    pruner = _mapping(raw.get("pruner"), "pruner", origin)
-    for key in pruner:
-        if key not in ("warmup_epochs", "startup_trials"):
-            raise _fail(origin, f"unknown key 'pruner.{key}'; allowed keys: warmup_epochs, startup_trials")
+    pruner = _section(raw, "pruner", ("warmup_epochs", "startup_trials"), origin)
     warmup, startup = pruner.get("warmup_epochs", 1), pruner.get("startup_trials", 4)
     for key, value in (("warmup_epochs", warmup), ("startup_trials", startup)):
-        if not (_integer(value) and value >= 0):
+        if not (is_int(value) and value >= 0):
             raise _fail(origin, f"pruner.{key} must be an integer >= 0, got {value!r}")
 
     parameters = _mapping(raw.get("parameters"), "parameters", origin)
@@ -125,34 +121,38 @@ def parse_space(raw: Any, base: Params, origin: str = str(SEARCH_FILE)) -> Space
     ranges, choices = {}, {}
     for key, spec in parameters.items():
         spec = _mapping(spec, f"parameters.{key}", origin)
-        where = f" (parameters.{key}"
         if set(spec) == {"values"}:
-            values = spec["values"]
-            if not isinstance(values, list) or not values:
-                raise _fail(origin, f"parameters.{key}.values must be a non-empty list, got {values!r}")
-            if len(set(map(repr, values))) != len(values):
-                raise _fail(origin, f"parameters.{key}.values lists a value twice: {values!r}")
-            for value in values:
-                _check_value(base, key, value, origin, f"{where}.values)")
-            choices[key] = values
+            choices[key] = _choices(base, key, spec["values"], origin)
         elif set(spec) in ({"min", "max"}, {"min", "max", "log"}):
-            low, high, log = spec["min"], spec["max"], spec.get("log", False)
-            _check_value(base, key, low, origin, f"{where}.min)")
-            _check_value(base, key, high, origin, f"{where}.max)")
-            if not low < high:
-                raise _fail(origin, f"parameters.{key}: empty range, min {low!r} must be below max {high!r}")
-            if not isinstance(log, bool):
-                raise _fail(origin, f"parameters.{key}.log must be true or false, got {log!r}")
-            if log and low <= 0:
-                raise _fail(origin, f"parameters.{key}: a log range needs min > 0, got {low!r}")
-            integer = _integer(getattr(base, key))  # params.yaml's rule has refused a float bound already
-            ranges[key] = Range(low, high, log, integer)
+            ranges[key] = _range(base, key, spec["min"], spec["max"], spec.get("log", False), origin)
         else:
             raise _fail(
                 origin,
                 f"parameters.{key} must be {{values: [...]}} or {{min: ..., max: ...[, log: true]}}, got {spec!r}",
             )
     return Space(ranges, choices, fixed, seed, trials, None if minutes is None else float(minutes), warmup, startup)
+
+
+def _choices(base: Params, key: str, values: Any, origin: str) -> list[Any]:
+    if not isinstance(values, list) or not values:
+        raise _fail(origin, f"parameters.{key}.values must be a non-empty list, got {values!r}")
+    if len(set(map(repr, values))) != len(values):
+        raise _fail(origin, f"parameters.{key}.values lists a value twice: {values!r}")
+    for value in values:
+        _check_value(base, key, value, origin, f" (parameters.{key}.values)")
+    return values
+
+
+def _range(base: Params, key: str, low: Any, high: Any, log: Any, origin: str) -> Range:
+    _check_value(base, key, low, origin, f" (parameters.{key}.min)")
+    _check_value(base, key, high, origin, f" (parameters.{key}.max)")
+    if not low < high:
+        raise _fail(origin, f"parameters.{key}: empty range, min {low!r} must be below max {high!r}")
+    if not isinstance(log, bool):
+        raise _fail(origin, f"parameters.{key}.log must be true or false, got {log!r}")
+    if log and low <= 0:
+        raise _fail(origin, f"parameters.{key}: a log range needs min > 0, got {low!r}")
+    return Range(low, high, log, is_int(getattr(base, key)))  # params.yaml's rule has refused a float bound already
 
 
 def load_space(path: Path, base: Params) -> Space:
@@ -164,10 +164,7 @@ def suggest(trial: Any, space: Space, base: Params) -> dict[str, Any]:
     """A point of the space from an Optuna trial, fixed values included, validated as params.yaml is."""
     point: dict[str, Any] = dict(space.fixed)
     for key, r in space.ranges.items():
-        if r.integer:
-            point[key] = trial.suggest_int(key, r.low, r.high, log=r.log)
-        else:
-            point[key] = trial.suggest_float(key, r.low, r.high, log=r.log)
+        point[key] = (trial.suggest_int if r.integer else trial.suggest_float)(key, r.low, r.high, log=r.log)
     for key, values in space.choices.items():
         point[key] = trial.suggest_categorical(key, values)
     parse_params({**base.as_dict(), **point}, f"trial {trial.number}")
