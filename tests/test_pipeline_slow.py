@@ -413,3 +413,26 @@ def test_a_tracking_server_killed_mid_training_ends_the_stage_in_one_line_and_it
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
+
+
+def test_a_second_experiment_started_in_the_workspace_is_refused_and_the_first_records_its_own_params(repo):
+    env = user_env(PYTHONUNBUFFERED="1")
+    with started(["dvc", "exp", "run", "-S", "epochs=10"], repo, env) as first:
+        first.wait_for_line("Epoch 2/")
+        second = run(["dvc", "exp", "run", "-S", "epochs=3"], repo, env, check=False)
+        assert load_params(repo / "params.yaml").epochs == 10  # put back at once
+        first.finish(timeout=600)
+    assert second.returncode != 0
+    [refused] = [line for line in second.stderr.splitlines() if line.startswith("check_params: error: ")]
+    assert refused.startswith("check_params: error: another DVC run is in this workspace (train, pid ")
+    assert "Epoch 1/" not in second.stdout
+    # DVC ends the first with its own error (the second reset its experiment refs), but the workspace holds
+    # its complete result, filed under the params it trained with.
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert lock["train"]["params"]["params.yaml"]["epochs"] == 10
+    assert lock["train"]["outs"][0]["md5"] == md5(repo / paths.MODEL)
+    assert json.loads((repo / paths.TRAIN_METRICS).read_text())["epochs"] == 10
+    assert changed_stages(repo) == set()
+    run(["dvc", "exp", "save", "-n", "ten-epochs"], repo)
+    saved = experiments_shown(repo)["ten-epochs"]
+    assert saved["metrics/train.json"]["data"]["epochs"] == 10
