@@ -33,7 +33,8 @@ restore: setup
 	touch params.yaml dvc.lock metrics/train.json metrics/evaluate.json
 	git checkout HEAD -- params.yaml dvc.lock metrics/train.json metrics/evaluate.json
 	dvc fetch -q -r baseline train evaluate
-	dvc checkout -q
+	dvc checkout -q train evaluate
+	@dvc checkout -q prepare split 2>/dev/null || echo "make restore: data/prepared and data/split are not built yet (a fresh clone): make repro builds them"
 
 # Two pytest workers (pytest-xdist), one per core of the 2-core machines CI runs on; each module's tests
 # stay on one worker (--dist loadscope), so a module's expensive fixtures are set up once.
