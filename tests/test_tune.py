@@ -80,6 +80,8 @@ def test_the_repository_search_space_is_valid_and_read_whole():
         ({"budget": {"hours": 2}}, "unknown key 'budget.hours'"),
         ({"pruner": {"warmup_epochs": -1}}, "pruner.warmup_epochs must be an integer >= 0"),
         ({"sampler": "random"}, "unknown key 'sampler'"),
+        ({"budjet": {"trials": 2}}, "unknown key 'budjet' (did you mean 'budget'?)"),
+        ({"budget": {"trails": 2}}, "unknown key 'budget.trails' (did you mean 'budget.trials'?)"),
     ],
 )
 def test_a_bad_search_space_is_one_line_naming_what_is_wrong(changes, message):

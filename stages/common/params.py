@@ -92,15 +92,20 @@ _RULES: dict[str, tuple[Any, str]] = {
 }
 
 
+def unknown_key(key: Any, allowed: Any, prefix: str = "") -> str:
+    """What to say of a key that is not among `allowed`: the closest allowed key, then all of them."""
+    hint = difflib.get_close_matches(str(key), allowed, n=1)
+    suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+    return f"unknown key '{prefix}{key}'{suggestion}; allowed keys: {', '.join(allowed)}"
+
+
 def parse_params(raw: Any, origin: str = str(PARAMS_FILE)) -> Params:
     """Validate a mapping read from YAML; raise StageError naming the key, value and what is allowed."""
     if not isinstance(raw, dict):
         raise StageError(f"{origin}: expected a mapping of parameters, got {type(raw).__name__}")
     for key in raw:
         if key not in _RULES:
-            hint = difflib.get_close_matches(str(key), _RULES, n=1)
-            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise StageError(f"{origin}: unknown key '{key}'{suggestion}; allowed keys: {', '.join(_RULES)}")
+            raise StageError(f"{origin}: {unknown_key(key, _RULES)}")
     for key, (check, allowed) in _RULES.items():
         if key not in raw:
             raise StageError(f"{origin}: missing key '{key}' ({allowed})")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.errors import StageError
-from stages.common.params import Params, is_int, parse_params, read_yaml
+from stages.common.params import Params, is_int, parse_params, read_yaml, unknown_key
 
 SEARCH_FILE = Path("search.yaml")
 METRIC = "val_accuracy"  # maximised; test accuracy is never an objective
@@ -62,7 +62,7 @@ def _section(raw: dict, name: str, allowed: tuple[str, ...], origin: str) -> dic
     section = _mapping(raw.get(name), name, origin)
     for key in section:
         if key not in allowed:
-            raise _fail(origin, f"unknown key '{name}.{key}'; allowed keys: {', '.join(allowed)}")
+            raise _fail(origin, unknown_key(key, allowed, f"{name}."))
     return section
 
 
@@ -79,7 +79,7 @@ def parse_space(raw: Any, base: Params, origin: str = str(SEARCH_FILE)) -> Space
     raw = _mapping(raw, "the file", origin)
     for key in raw:
         if key not in _TOP_KEYS:
-            raise _fail(origin, f"unknown key '{key}'; allowed keys: {', '.join(_TOP_KEYS)}")
+            raise _fail(origin, unknown_key(key, _TOP_KEYS))
     metric = raw.get("metric", METRIC)
     if metric != METRIC:
         raise _fail(origin, f"metric must be {METRIC} (maximised; never a test metric), got {metric!r}")
