@@ -30,11 +30,22 @@ def _row(name: str, rev: str, data: dict[str, Any]) -> Experiment:
     return Experiment(name, rev, params, metrics, model.get("hash"), test_data.get("hash"))
 
 
+SHOW_SECONDS = 120
+SHOW_ATTEMPTS = 2
+
+
 def list_experiments(repo: Path = Path()) -> list[Experiment]:
     """The workspace, the baseline commit and every experiment of it, as `dvc exp show` lists them."""
     # DVC of this interpreter's environment: works whether or not the venv is activated.
     command = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
-    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, check=False)
+    # Seen once to hang (a futex, under load, beside running `dvc exp run --temp`): bounded, and tried again.
+    for attempt in range(SHOW_ATTEMPTS):
+        try:
+            result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=SHOW_SECONDS)
+            break
+        except subprocess.TimeoutExpired:
+            if attempt == SHOW_ATTEMPTS - 1:
+                raise StageError(f"`dvc exp show --json` did not answer within {SHOW_SECONDS} s, twice") from None
     if result.returncode != 0:
         raise StageError(f"`dvc exp show --json` failed: {first_line(Exception(result.stderr))}")
     rows = []
