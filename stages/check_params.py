@@ -12,10 +12,10 @@ import contextlib
 import os
 import subprocess
 
-from stages.common.cli import log, run_stage
+from stages.common.cli import in_workspace, log, run_stage
 from stages.common.errors import StageError
 from stages.common.params import PARAMS_FILE, load_params
-from stages.lib.workspace import in_workspace, refuse_a_second_run
+from stages.lib.workspace import refuse_a_second_run
 
 # `dvc exp run -S` writes its values into the workspace's params.yaml before any stage runs and leaves
 # them there when the experiment fails (merged with any edits of yours: DVC keeps no copy of the file as

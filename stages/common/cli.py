@@ -114,11 +114,16 @@ def run_stage(
     sys.exit(failure[1])
 
 
+def in_workspace() -> bool:
+    """Whether DVC runs this stage in the repository itself (not in a copy: `dvc exp run --temp`, `--queue`)."""
+    root = os.environ.get("DVC_ROOT")
+    return root is not None and Path(root).resolve() == Path.cwd().resolve()
+
+
 def _print_restore_hint(stage: str) -> None:
     """When DVC ran the stage in the workspace (not in a copy: --temp, --queue), it removed the stage's previous
     outputs first: the command that restores them."""
-    in_workspace = Path(os.environ.get("DVC_ROOT") or "/nonexistent").resolve() == Path.cwd().resolve()
-    if os.environ.get("DVC_STAGE") and in_workspace and stage in paths.OUTPUTS_IN_GIT:
+    if os.environ.get("DVC_STAGE") and in_workspace() and stage in paths.OUTPUTS_IN_GIT:
         restore = [f"dvc checkout {stage}", *(f"git checkout -- {path}" for path in paths.OUTPUTS_IN_GIT[stage])]
         print(
             f"{stage}: DVC removed this stage's previous outputs before running it; to restore them: "

@@ -17,17 +17,12 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from stages.common.cli import in_workspace
 from stages.common.errors import StageError
 from stages.common.params import PARAMS_FILE, Params, load_params
 
 IN_USE = Path(".dvc/tmp/params-in-use.json")  # {"pid", "stage", "params"}: the holder, the text it read
 TWO_AT_ONCE = "run experiments side by side with `dvc exp run --temp` or `--queue` (docs/failures.md)"
-
-
-def in_workspace() -> bool:
-    """Whether DVC runs this stage in the repository itself (not in a copy: `dvc exp run --temp`, `--queue`)."""
-    root = os.environ.get("DVC_ROOT")
-    return root is not None and Path(root).resolve() == Path.cwd().resolve()
 
 
 @contextlib.contextmanager
