@@ -95,8 +95,9 @@ def test_evaluate_with_a_file_that_is_not_a_keras_model_names_it_and_writes_noth
     [line] = error_lines(result)
     assert f"{paths.MODEL}: not a loadable Keras model" in line
     assert outputs_left(split_data) == [*INPUTS_LEFT, "models/model.keras"]
-    [run] = runs(split_data)  # no run trained this file: the evaluation's own run, which failed
-    assert run.info.status == "FAILED"
+    # No run trained this file: the evaluation's own run, failed; or none, when the failure came before
+    # MLflow's process had started the run (on a loaded machine), which then ends without starting it.
+    assert [run.info.status for run in runs(split_data)] in (["FAILED"], [])
 
 
 @contextlib.contextmanager

@@ -156,7 +156,22 @@ def _store_setup_lock(default_store: bool) -> Iterator[None]:
         return
     with open(repo_root() / LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        database = repo_root() / DATABASE
+        if not database.exists():
+            create_database(database)
         yield
+
+
+def create_database(database: Path) -> None:
+    """Create MLflow's SQLite store under another name, then rename it into place. Its migrations take
+    seconds, and a stage that fails meanwhile ends its MLflow process: cut off half-way, they would leave
+    a store that no later run can open."""
+    import mlflow
+
+    partial = database.with_name(f".{database.name}.partial")  # a cut-off creation's, if it exists
+    partial.unlink(missing_ok=True)
+    mlflow.MlflowClient(f"sqlite:///{partial}").search_experiments(max_results=1)
+    partial.rename(database)
 
 
 @contextlib.contextmanager
