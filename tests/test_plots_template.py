@@ -39,3 +39,32 @@ def test_dvc_renders_a_page_with_the_plot_and_no_network_reference(tmp_path):
     assert FETCHED.findall(html) == []
     assert html.count("vegaEmbed(") == 1  # the one plot, drawn by the inlined vega-embed
     assert '"accuracy": 0.9' in html  # its data, in the page
+
+
+def test_the_line_plots_draw_each_revision_narrower_than_the_one_before():
+    """`dvc plots diff main <exp>`: an experiment's first epochs can be the baseline's to the bit, and a
+    curve drawn over an identical one hides it. The first revision's line, drawn first, is the widest."""
+    import yaml
+    from dvc.repo import Repo
+    from dvc_render.vega import VegaRenderer
+    from dvc_render.vega_templates import LinearTemplate, get_template
+
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    templates = {name: plot.get("template") for entry in plots for name, plot in entry.items()}
+    assert templates["Accuracy"] == templates["Loss"] == "linear_overlap"
+    template = get_template("linear_overlap", Repo(str(REPO)).plots.templates_dir)
+
+    epochs = [{"epoch": epoch, "accuracy": 0.9 + epoch / 100} for epoch in range(1, 11)]
+    data = [{**row, "rev": "main"} for row in epochs[:5]] + [{**row, "rev": "vivid-puds"} for row in epochs]
+    spec = VegaRenderer(data, "Accuracy", x="epoch", y="accuracy", template=template).get_filled_template()
+    [line] = [layer for layer in spec["layer"][0]["layer"] if layer["mark"] == "line"]
+    width = line["encoding"]["strokeWidth"]
+    assert (width["field"], width["sort"]) == ("rev", None)  # a width per revision, in the data's order,
+    assert list(dict.fromkeys(row["rev"] for row in spec["data"]["values"])) == ["main", "vivid-puds"]
+    assert width["scale"]["range"] == sorted(set(width["scale"]["range"]), reverse=True)  # narrower and narrower
+    assert len(width["scale"]["range"]) >= 2
+
+    # Otherwise DVC's own template, as `dvc plots templates linear` prints it.
+    unchanged = get_template("linear_overlap", Repo(str(REPO)).plots.templates_dir).content
+    del unchanged["layer"][0]["layer"][0]["encoding"]
+    assert unchanged == LinearTemplate.DEFAULT_CONTENT
