@@ -6,6 +6,7 @@ message (stages/lib/served_model.py)."""
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,13 @@ RULE = "pixels must be whole numbers from 0 to 255 (raw gray levels, not scaled 
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, make_examples):
+def server_log(tmp_path_factory):
+    """Where the `served` fixture's server writes its stderr."""
+    return tmp_path_factory.mktemp("serving-log") / "stderr.txt"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, make_examples, server_log):
     """(address of /invocations, test images uint8 (5, 28, 28, 1), the .keras file's probabilities for them,
     the Keras model): a model trained for one epoch, logged and registered as mnist-dnn@champion, served as
     the README says."""
@@ -54,15 +61,18 @@ def served(tmp_path_factory, make_examples):
             mlflow.set_tracking_uri(None)
 
     port = free_port()
-    server = subprocess.Popen(
-        ["mlflow", "models", "serve", "-m", "models:/mnist-dnn@champion", "--env-manager", "local"]
-        + ["--host", "127.0.0.1", "--port", str(port)],
-        cwd=root,
-        env=user_env(MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    env = user_env(MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
+    env.pop("TF_CPP_MIN_LOG_LEVEL")  # set in this process by stages.lib.tensorflow_setup; a user's shell has none
+    with open(server_log, "wb") as stderr:
+        server = subprocess.Popen(
+            ["mlflow", "models", "serve", "-m", "models:/mnist-dnn@champion", "--env-manager", "local"]
+            + ["--host", "127.0.0.1", "--port", str(port)],
+            cwd=root,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
     try:
         wait_until_answering(f"http://127.0.0.1:{port}/ping", server, 180, "mlflow models serve")
         yield f"http://127.0.0.1:{port}/invocations", images, expected, model
@@ -173,3 +183,13 @@ def test_the_readmes_ready_request_gives_the_digits_and_its_refusal_word_for_wor
     five = load_idx(REPO / "data/raw/mnist").test.images[:5]
     assert digits == str(np.argmax(model.predict(five, verbose=0), axis=1).tolist())
     assert shown[0] == "[7, 2, 1, 0, 4]" and refusal == shown[1]
+
+
+def test_the_server_prints_no_tensorflow_warning_or_error(served, server_log):
+    """TensorFlow's C++ logs, "failed call to cuInit" on any machine without a GPU among them: nothing a user
+    of the server can act on (stages/lib/served_model.py)."""
+    url, images, _, _ = served
+    assert request(url, "instances", images)[0] == 200  # TensorFlow has run: its devices are set up
+    log = server_log.read_text()
+    assert "Uvicorn running on" in log  # this is the server's stderr
+    assert re.findall(r"^[WEF]\d{4} .*", log, flags=re.MULTILINE) == []

@@ -3,6 +3,8 @@ imports nothing of ours): the `.keras` file that DVC versions, predicting withou
 input itself. The signature has no input schema: MLflow's server casts JSON and CSV to the schema's dtype first,
 and a cast to uint8 turns 0.5 into 0 without a word."""
 
+import os
+
 import mlflow
 import numpy as np
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -50,6 +52,9 @@ def images(model_input) -> np.ndarray:
 
 class DigitClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        # TensorFlow's C++ logs, "failed call to cuInit" on every machine without a GPU among them, would fill
+        # the server's output with nothing to act on; failures still raise. TF_CPP_MIN_LOG_LEVEL=0 shows them.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         import keras
 
         self.model = keras.models.load_model(context.artifacts["keras_model"])
