@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,15 +62,42 @@ def per_class_table(per_class: dict[str, dict[str, float]]) -> dict[str, list]:
     return {"columns": columns, "data": [[int(d), *(round(v, 4) for v in m.values())] for d, m in per_class.items()]}
 
 
+def portable_probabilities(model: keras.Model, examples: Examples) -> np.ndarray:
+    """The model's output, each image's probability of each digit, with the same bits on every x86-64 CPU.
+    Keras' softmax layer (TensorFlow's Eigen kernel) multiplies by 1 / sum, computed from the CPU's approximate
+    reciprocal instruction (RCPPS), whose bits differ between Intel, AMD and emulators (docs/determinism.md);
+    here the last layer's logits are exponentiated and divided by their sum, which IEEE rounds exactly."""
+    import keras
+    import tensorflow as tf
+
+    output = model.layers[-1]  # Dense(10, softmax), build_model's last layer
+    features = keras.Model(model.inputs, output.input).predict(evaluation_dataset(examples), verbose=0)
+    logits = tf.matmul(features, output.kernel) + output.bias
+    exponentials = tf.exp(logits - tf.reduce_max(logits, axis=1, keepdims=True))
+    return (exponentials / tf.reduce_sum(exponentials, axis=1, keepdims=True)).numpy()
+
+
 def evaluate(model: keras.Model, examples: Examples) -> dict[str, Any]:
-    """Test loss (cross-entropy, probabilities clipped as Keras clips them) and accuracy, plus each
-    image's predicted digit; from one pass of predict() (model.evaluate would be a second)."""
-    probabilities = model.predict(evaluation_dataset(examples), verbose=0).astype(np.float64)
+    """Test loss (cross-entropy, probabilities clipped as Keras clips them) and accuracy, each image's
+    predicted digit and its probabilities; every bit the same on every x86-64 CPU (docs/determinism.md)."""
+    import tensorflow as tf
+
+    probabilities = portable_probabilities(model, examples)
     predictions = np.argmax(probabilities, axis=1)
     labels = examples.labels.astype(np.int64)
-    of_label = np.clip(probabilities[np.arange(len(labels)), labels], KERAS_EPSILON, 1 - KERAS_EPSILON)
-    loss, accuracy = -np.mean(np.log(of_label)), np.mean(predictions == labels)
-    return {"test_loss": float(loss), "test_accuracy": float(accuracy), "predictions": predictions}
+    of_label = np.clip(
+        probabilities[np.arange(len(labels)), labels].astype(np.float64), KERAS_EPSILON, 1 - KERAS_EPSILON
+    )
+    # TensorFlow's log, not NumPy's: NumPy's float64 log is its own SIMD code on AVX-512 CPUs and the C
+    # library's elsewhere, 1 ulp apart on 0.3 % of values. fsum rounds the exact sum: no order to differ.
+    losses = -tf.math.log(of_label).numpy()
+    loss, accuracy = math.fsum(losses) / len(losses), np.mean(predictions == labels)
+    return {
+        "test_loss": loss,
+        "test_accuracy": float(accuracy),
+        "predictions": predictions,
+        "probabilities": probabilities,
+    }
 
 
 def format_report(results: dict[str, Any], per_class: dict[str, dict[str, float]], matrix: np.ndarray) -> str:

@@ -37,5 +37,7 @@ def test_data_baseline_holds_exactly_the_cached_outputs_of_the_committed_train_a
 def test_the_baseline_machine_is_recorded_with_the_committed_numerics():
     machine = json.loads((REPO / BASELINE_MACHINE).read_text())
     assert machine["numerics"] == yaml.safe_load(committed("params.yaml"))["numerics"]
-    assert len(machine["fingerprint"]) == 32 and set(machine["fingerprint"]) <= set("0123456789abcdef")
+    assert set(machine["fingerprints"]) == {"training", "evaluation"}
+    for fingerprint in machine["fingerprints"].values():
+        assert len(fingerprint) == 32 and set(fingerprint) <= set("0123456789abcdef")
     assert f"tensorflow=={machine['tensorflow']}" in committed("requirements.lock")

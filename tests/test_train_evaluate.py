@@ -88,6 +88,19 @@ def test_evaluate_accuracy_is_the_share_of_correct_argmax_predictions(trained, s
     assert results["test_accuracy"] == pytest.approx(np.mean(expected == validation.labels))
 
 
+def test_evaluate_computes_the_models_own_probabilities_and_keras_clipped_loss(trained, small_data):
+    model, _ = trained
+    validation = small_data[1]
+    results = evaluate.evaluate(model, validation)
+    # Keras' softmax differs from evaluate's only in its reciprocal's last bits (docs/determinism.md).
+    np.testing.assert_allclose(results["probabilities"], model.predict(validation.images, verbose=0), rtol=1e-6)
+    of_label = results["probabilities"][np.arange(len(validation.labels)), validation.labels]
+    expected = -np.mean(
+        np.log(np.clip(of_label.astype(np.float64), evaluate.KERAS_EPSILON, 1 - evaluate.KERAS_EPSILON))
+    )
+    assert results["test_loss"] == pytest.approx(expected, rel=1e-15)
+
+
 def test_confusion_matrix_and_per_class_metrics_by_hand():
     labels = np.array([0, 0, 1, 2, 2, 2, 3])
     predictions = np.array([0, 1, 1, 2, 2, 0, 2])
