@@ -201,20 +201,31 @@ class EpochReports:
     epochs: int  # the trial's, from its point or params.yaml
     values: dict[int, float] = dataclasses.field(default_factory=dict)  # val_accuracy by epoch
     pruned_at: int | None = None  # the epoch at which the pruner said stop
+    unreported: list[int] = dataclasses.field(default_factory=list)  # epochs the study's database has not taken yet
 
     def on_epoch(self, metrics: dict[str, Any]) -> bool:
-        """Report the epoch; True, once, if the pruner says stop and stopping saves an epoch (a stop signal
-        ends the epoch under way: from the last but one epoch on, the trial would train all its epochs)."""
+        """Report the epoch, after those the database could not take before; True, once, if the pruner says stop
+        and stopping saves an epoch (a stop signal ends the epoch under way: from the last but one epoch on, the
+        trial would train all its epochs)."""
         epoch = metrics["epoch"]
         self.values[epoch] = metrics["val_accuracy"]
+        self.unreported.append(epoch)
         try:
-            self.trial.report(self.values[epoch], epoch)
+            self.report_unreported()
             if self.pruned_at is None and epoch < self.epochs - 1 and self.trial.should_prune():
                 self.pruned_at = epoch
                 return True
-        except Exception as exc:  # the study's database is down: train on, unpruned
-            log("tune", f"{self.name}: epoch {epoch} not reported to the study ({database_error(exc)}); not pruning")
+        except Exception as exc:  # the study's database is down: train on, unpruned, and report it later
+            log("tune", f"{self.name}: epoch {epoch} kept to report later ({database_error(exc)}); not pruning")
         return False
+
+    def report_unreported(self) -> None:
+        """Report the epochs the database could not take, in order (the study's curves have no holes); raise at
+        the first it still cannot take."""
+        while self.unreported:
+            epoch = self.unreported[0]
+            self.trial.report(self.values[epoch], epoch)
+            self.unreported.pop(0)
 
     def pruned(self) -> str:
         return (
@@ -244,6 +255,11 @@ def objective(runner: TrialRunner, space: Space, base: Params) -> Callable[[optu
         reports = EpochReports(trial, name, point.get("epochs", base.epochs))
         log_path = runner.repo / TRIAL_LOGS / f"{name}.log"
         status = runner.run(runner.command(name, point), log_path, reports.on_epoch)
+        try:  # a trial told complete takes no more epochs: the last chance for those the database missed
+            reports.report_unreported()
+        except Exception as exc:
+            missing = ", ".join(map(str, reports.unreported))
+            raise TrialFailed(f"{name}: epochs {missing} never reached the study ({database_error(exc)})") from exc
         metrics = runner.experiment_metrics(name)  # made: complete, even if a stop signal came after its end
         if metrics is not None:
             return metrics

@@ -314,6 +314,54 @@ def test_a_tracking_server_stopped_for_two_epochs_mid_training_still_gets_the_co
     assert {key: found.data.metrics[key] for key in evaluation} == pytest.approx(evaluation)
 
 
+RERUN = "run the stage again once it answers"
+OUTAGE_WAIT = 20  # MNIST_TRACKING_WAIT below: the stage's limit on waiting for a tracking server whose database is down
+
+
+def test_postgresql_down_mid_training_stops_the_stage_in_one_line_writing_nothing_and_its_run_is_closed_later(
+    origin, stack, client, tmp_path
+):
+    # PostgreSQL, behind the tracking server, stopped at epoch 3 of 8 and kept down: the server is up but cannot
+    # store anything, so MLflow's client retries; the stage's limit on that wait (shortened here) ends it.
+    clone = machine(origin, stack, tmp_path / "clone")
+    env = team_env(stack, MNIST_TRACKING_WAIT=str(OUTAGE_WAIT), PYTHONUNBUFFERED="1")
+    before = set(all_runs(client))
+    with started(["dvc", "exp", "run", "-S", "epochs=8"], clone, env) as training:
+        training.wait_for_line("Epoch 3/")
+        team_stack.stop(stack.folder, services=["postgres"])
+        try:
+            stopped = time.monotonic()
+            output = training.finish(timeout=OUTAGE_WAIT + 600)
+            seconds = time.monotonic() - stopped
+        finally:
+            team_stack.start(stack.folder, services=["postgres"])
+    assert training.process.returncode != 0
+    lines = output.splitlines()
+    assert "Epoch 8/8" in output, "the stage stopped before the end of its training"
+    limit = f"did not answer within {OUTAGE_WAIT} s (set MNIST_TRACKING_WAIT to wait longer)"
+    [error] = [line for line in lines if line.startswith("train: error:")]
+    assert error == f"train: error: MLflow tracking store {stack.tracking_uri} {limit}; {RERUN}"
+    assert "Traceback" not in output and "Retrying" not in output
+    assert seconds < OUTAGE_WAIT + 300  # the five epochs left, then the limit: not MLflow's retries, for minutes
+
+    # Nothing half-written: no model, no metrics, and dvc.lock still describes the previous outputs.
+    assert not (clone / paths.MODEL).exists() and not (clone / paths.TRAIN_METRICS).exists()
+    committed = yaml.safe_load(run(["git", "show", "HEAD:dvc.lock"], clone).stdout)["stages"]
+    assert yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["train"] == committed["train"]
+    [hint] = [line for line in lines if "to restore them: " in line]
+    run(["bash", "-c", hint.split("to restore them: ", 1)[1]], clone)
+    run(["git", "checkout", "--", "params.yaml", "dvc.lock"], clone)  # what `dvc exp run -S` had changed
+    assert changed_stages(clone) == set()
+
+    # PostgreSQL back: the run the stage could not end is RUNNING until the next stage on this host marks it KILLED.
+    [outage] = [client.get_run(run_id) for run_id in set(all_runs(client)) - before]
+    assert outage.info.status == "RUNNING"
+    again = run(["dvc", "exp", "run", "-S", "epochs=1"], clone, env)
+    assert f"MLflow run {outage.info.run_id} was left RUNNING by a killed stage; marked it KILLED" in again.stdout
+    assert client.get_run(outage.info.run_id).info.status == "KILLED"
+    assert sorted(client.get_run(r).info.status for r in set(all_runs(client)) - before) == ["FINISHED", "KILLED"]
+
+
 def test_the_s3_store_down_during_dvc_push_is_a_clear_error_and_a_second_push_completes(origin, stack, tmp_path):
     clone = machine(origin, stack, tmp_path / "clone")
     run(["dvc", "exp", "run", "-S", "epochs=1", "-S", "hidden_layer_size=12"], clone, team_env(stack))
