@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -45,6 +46,7 @@ TRIAL_LOGS = Path(".dvc/tmp/tune")  # one log per trial: DVC's and the stages' o
 PRUNED_TAG = "tune.pruned"
 HEARTBEAT_SECONDS = 10  # a worker that stops beating for GRACE_SECONDS (SIGKILL) has its trial marked failed
 GRACE_SECONDS = 60
+REPORT_WAIT_SECONDS = 60  # at a trial's end, how long epochs the study's database missed wait for it
 
 
 class TrialFailed(Exception):
@@ -227,6 +229,22 @@ class EpochReports:
             self.trial.report(self.values[epoch], epoch)
             self.unreported.pop(0)
 
+    def report_the_rest(self) -> None:
+        """At the trial's end (a trial told complete takes no more epochs): report the epochs the database missed,
+        waiting for it up to REPORT_WAIT_SECONDS; else fail the trial, in one line naming them."""
+        deadline = time.monotonic() + REPORT_WAIT_SECONDS
+        while True:
+            try:
+                self.report_unreported()
+                return
+            except Exception as exc:
+                if time.monotonic() >= deadline:
+                    missing = ", ".join(map(str, self.unreported))
+                    failure = f"epochs {missing} never reached the study's database ({database_error(exc)})"
+                    log("tune", f"{self.name}: {failure} within {REPORT_WAIT_SECONDS:g} s; the trial fails")
+                    raise TrialFailed(f"{self.name}: {failure}") from exc
+            time.sleep(1)
+
     def pruned(self) -> str:
         return (
             f"pruned at epoch {self.pruned_at} (val_accuracy {self.values[self.pruned_at]:.4f} below the median), "
@@ -255,11 +273,7 @@ def objective(runner: TrialRunner, space: Space, base: Params) -> Callable[[optu
         reports = EpochReports(trial, name, point.get("epochs", base.epochs))
         log_path = runner.repo / TRIAL_LOGS / f"{name}.log"
         status = runner.run(runner.command(name, point), log_path, reports.on_epoch)
-        try:  # a trial told complete takes no more epochs: the last chance for those the database missed
-            reports.report_unreported()
-        except Exception as exc:
-            missing = ", ".join(map(str, reports.unreported))
-            raise TrialFailed(f"{name}: epochs {missing} never reached the study ({database_error(exc)})") from exc
+        reports.report_the_rest()
         metrics = runner.experiment_metrics(name)  # made: complete, even if a stop signal came after its end
         if metrics is not None:
             return metrics

@@ -552,6 +552,56 @@ def test_two_machines_run_one_study_and_a_worker_killed_mid_trial_costs_only_tha
             assert n == killed and child.info.status in ("KILLED", "FAILED"), (n, child.info.status)
 
 
+def reported_steps(stack, trial_id: int) -> list[int]:
+    """The epochs of the trial as its database received them, in that order."""
+    with psycopg.connect(stack.database_uri("optuna"), autocommit=True) as database:
+        rows = database.execute(
+            "SELECT step FROM trial_intermediate_values WHERE trial_id = %s ORDER BY trial_intermediate_value_id",
+            (trial_id,),
+        ).fetchall()
+    return [int(step) for (step,) in rows]
+
+
+@pytest.mark.parametrize("back", [True, False], ids=["back-before-the-end", "down-at-the-end"])
+def test_epochs_the_study_database_missed_reach_it_in_order_or_the_trial_fails_naming_them(
+    stack, monkeypatch, capsys, back
+):
+    # A real PostgreSQL stopped at epoch 2 and started again: epochs 2 and 3 are reported with epoch 4, or, if it
+    # is still down at the trial's end, after a wait (shortened here) the trial fails in one line naming them.
+    monkeypatch.setattr(tune, "REPORT_WAIT_SECONDS", 3)
+    study = optuna.create_study(
+        study_name=f"reports-{back}", storage=tune.open_storage(stack.database_uri("optuna")), direction="maximize"
+    )
+    reports = tune.EpochReports(study.ask(), "reports-0", epochs=5)
+    assert not reports.on_epoch({"epoch": 1, "val_accuracy": 0.5})
+    team_stack.stop(stack.folder, services=["postgres"])
+    try:
+        for epoch in (2, 3):
+            assert not reports.on_epoch({"epoch": epoch, "val_accuracy": 0.5 + epoch / 100})
+        if back:
+            team_stack.start(stack.folder, services=["postgres"])
+        assert not reports.on_epoch({"epoch": 4, "val_accuracy": 0.54})
+        if back:
+            reports.report_the_rest()
+        else:
+            with pytest.raises(tune.TrialFailed) as failed:
+                reports.report_the_rest()
+    finally:
+        team_stack.start(stack.folder, services=["postgres"])
+    out = capsys.readouterr().out
+    for epoch in (2, 3):
+        assert f"tune: reports-0: epoch {epoch} kept to report later (" in out
+    trial_id = reports.trial._trial_id
+    if back:
+        assert reported_steps(stack, trial_id) == [1, 2, 3, 4]
+        assert study.trials[0].intermediate_values == {1: 0.5, 2: 0.52, 3: 0.53, 4: 0.54}
+    else:
+        assert reported_steps(stack, trial_id) == [1]
+        assert str(failed.value).startswith("reports-0: epochs 2, 3, 4 never reached the study's database (")
+        [line] = [line for line in out.splitlines() if "never reached" in line]
+        assert line.endswith(" within 3 s; the trial fails") and "\n" not in str(failed.value)
+
+
 OUTAGE_SPACE = """
 seed: 5
 budget: {trials: 2}
@@ -612,7 +662,7 @@ def test_a_study_loses_no_completed_trial_to_the_database_or_the_tracking_server
     for trial in study.trials:
         assert trial.state.name == "COMPLETE"
         assert trial.value == shown[f"outage-{trial.number}"]["metrics/train.json"]["data"]["val_accuracy"]
-        assert max(trial.intermediate_values) == 50  # epochs reported again after the outage
+        assert sorted(trial.intermediate_values) == list(range(1, 51))  # none lost to the outage
 
     [parent], children = study_runs(client, "outage")
     assert parent.info.status == "FINISHED" and parent.data.metrics["best_val_accuracy"] == study.best_value
