@@ -46,6 +46,7 @@ TRIAL_LOGS = Path(".dvc/tmp/tune")  # one log per trial: DVC's and the stages' o
 PRUNED_TAG = "tune.pruned"
 HEARTBEAT_SECONDS = 10  # a worker that stops beating for GRACE_SECONDS (SIGKILL) has its trial marked failed
 GRACE_SECONDS = 60
+CONNECT_SECONDS = 10  # a study's database server that accepts no connection within this is down
 REPORT_WAIT_SECONDS = 60  # at a trial's end, how long epochs the study's database missed wait for it
 
 
@@ -67,8 +68,14 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 log("tune", f"heartbeat not recorded ({database_error(exc)}); next try in {HEARTBEAT_SECONDS} s")
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, plots
-    # SQLite: wait for the one writer rather than fail; a server: reconnect after it went away.
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    # SQLite: wait for the one writer rather than fail; a server: reconnect after it went away, and give up on
+    # one that does not answer within CONNECT_SECONDS (psycopg's own limit: 130 s), unless the URL says otherwise.
+    if url.startswith("sqlite"):
+        engine: dict[str, Any] = {"connect_args": {"timeout": 60}}
+    else:
+        engine = {"pool_pre_ping": True}
+        if "connect_timeout=" not in url:
+            engine["connect_args"] = {"connect_timeout": CONNECT_SECONDS}
     try:
         return Storage(
             url,

@@ -10,6 +10,7 @@ import collections
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ import yaml
 
 from stages import tune
 from stages.common import paths
+from stages.common.errors import StageError
 from stages.lib.experiments import list_experiments
 from stages.lib.input_pipeline import load_examples
 from stages.lib.tracking import MODEL_TAG, md5
@@ -562,6 +564,7 @@ def reported_steps(stack, trial_id: int) -> list[int]:
     return [int(step) for (step,) in rows]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 @pytest.mark.parametrize("back", [True, False], ids=["back-before-the-end", "down-at-the-end"])
 def test_epochs_the_study_database_missed_reach_it_in_order_or_the_trial_fails_naming_them(
     stack, monkeypatch, capsys, back
@@ -600,6 +603,23 @@ def test_epochs_the_study_database_missed_reach_it_in_order_or_the_trial_fails_n
         assert str(failed.value).startswith("reports-0: epochs 2, 3, 4 never reached the study's database (")
         [line] = [line for line in out.splitlines() if "never reached" in line]
         assert line.endswith(" within 3 s; the trial fails") and "\n" not in str(failed.value)
+
+
+def test_a_study_database_that_accepts_no_connection_is_one_line_within_the_connect_limit(stack):
+    # PostgreSQL's postmaster stopped (SIGSTOP): connections queue, unanswered; psycopg alone waits 130 s.
+    pid = team_stack.status(stack.folder)["postgres"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        with pytest.raises(StageError) as failed:
+            tune.open_storage(stack.database_uri("optuna"))
+        seconds = time.monotonic() - began
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    where = f"{team_stack.HOST}:{stack.ports['postgres']}/optuna"
+    assert str(failed.value).startswith(f"study storage {where} is unreachable or broken: ")
+    assert "connection timeout expired" in str(failed.value) and "\n" not in str(failed.value)
+    assert seconds < tune.CONNECT_SECONDS + 30  # the limit promised, not psycopg's 130 s
 
 
 OUTAGE_SPACE = """
