@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -45,6 +46,8 @@ TRIAL_LOGS = Path(".dvc/tmp/tune")  # one log per trial: DVC's and the stages' o
 PRUNED_TAG = "tune.pruned"
 HEARTBEAT_SECONDS = 10  # a worker that stops beating for GRACE_SECONDS (SIGKILL) has its trial marked failed
 GRACE_SECONDS = 60
+CONNECT_SECONDS = 10  # a study's database server that accepts no connection within this is down
+REPORT_WAIT_SECONDS = 60  # at a trial's end, how long epochs the study's database missed wait for it
 
 
 class TrialFailed(Exception):
@@ -65,8 +68,14 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 log("tune", f"heartbeat not recorded ({database_error(exc)}); next try in {HEARTBEAT_SECONDS} s")
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, plots
-    # SQLite: wait for the one writer rather than fail; a server: reconnect after it went away.
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    # SQLite: wait for the one writer rather than fail; a server: reconnect after it went away, and give up on
+    # one that does not answer within CONNECT_SECONDS (psycopg's own limit: 130 s), unless the URL says otherwise.
+    if url.startswith("sqlite"):
+        engine: dict[str, Any] = {"connect_args": {"timeout": 60}}
+    else:
+        engine = {"pool_pre_ping": True}
+        if "connect_timeout=" not in url:
+            engine["connect_args"] = {"connect_timeout": CONNECT_SECONDS}
     try:
         return Storage(
             url,
@@ -201,20 +210,47 @@ class EpochReports:
     epochs: int  # the trial's, from its point or params.yaml
     values: dict[int, float] = dataclasses.field(default_factory=dict)  # val_accuracy by epoch
     pruned_at: int | None = None  # the epoch at which the pruner said stop
+    unreported: list[int] = dataclasses.field(default_factory=list)  # epochs the study's database has not taken yet
 
     def on_epoch(self, metrics: dict[str, Any]) -> bool:
-        """Report the epoch; True, once, if the pruner says stop and stopping saves an epoch (a stop signal
-        ends the epoch under way: from the last but one epoch on, the trial would train all its epochs)."""
+        """Report the epoch, after those the database could not take before; True, once, if the pruner says stop
+        and stopping saves an epoch (a stop signal ends the epoch under way: from the last but one epoch on, the
+        trial would train all its epochs)."""
         epoch = metrics["epoch"]
         self.values[epoch] = metrics["val_accuracy"]
+        self.unreported.append(epoch)
         try:
-            self.trial.report(self.values[epoch], epoch)
+            self.report_unreported()
             if self.pruned_at is None and epoch < self.epochs - 1 and self.trial.should_prune():
                 self.pruned_at = epoch
                 return True
-        except Exception as exc:  # the study's database is down: train on, unpruned
-            log("tune", f"{self.name}: epoch {epoch} not reported to the study ({database_error(exc)}); not pruning")
+        except Exception as exc:  # the study's database is down: train on, unpruned, and report it later
+            log("tune", f"{self.name}: epoch {epoch} kept to report later ({database_error(exc)}); not pruning")
         return False
+
+    def report_unreported(self) -> None:
+        """Report the epochs the database could not take, in order (the study's curves have no holes); raise at
+        the first it still cannot take."""
+        while self.unreported:
+            epoch = self.unreported[0]
+            self.trial.report(self.values[epoch], epoch)
+            self.unreported.pop(0)
+
+    def report_the_rest(self) -> None:
+        """At the trial's end (a trial told complete takes no more epochs): report the epochs the database missed,
+        waiting for it up to REPORT_WAIT_SECONDS; else fail the trial, in one line naming them."""
+        deadline = time.monotonic() + REPORT_WAIT_SECONDS
+        while True:
+            try:
+                self.report_unreported()
+                return
+            except Exception as exc:
+                if time.monotonic() >= deadline:
+                    missing = ", ".join(map(str, self.unreported))
+                    failure = f"epochs {missing} never reached the study's database ({database_error(exc)})"
+                    log("tune", f"{self.name}: {failure} within {REPORT_WAIT_SECONDS:g} s; the trial fails")
+                    raise TrialFailed(f"{self.name}: {failure}") from exc
+            time.sleep(1)
 
     def pruned(self) -> str:
         return (
@@ -244,6 +280,7 @@ def objective(runner: TrialRunner, space: Space, base: Params) -> Callable[[optu
         reports = EpochReports(trial, name, point.get("epochs", base.epochs))
         log_path = runner.repo / TRIAL_LOGS / f"{name}.log"
         status = runner.run(runner.command(name, point), log_path, reports.on_epoch)
+        reports.report_the_rest()
         metrics = runner.experiment_metrics(name)  # made: complete, even if a stop signal came after its end
         if metrics is not None:
             return metrics

@@ -51,6 +51,7 @@ CREDENTIALS = {
     "flask_secret": "team-stack-flask-secret",
 }
 DEBIAN_PG = Path("/usr/lib/postgresql")  # Debian's and Ubuntu's PostgreSQL: <version>/bin/{initdb,postgres}
+S3_CONNECT_SECONDS, S3_READ_SECONDS = 5, 10  # the DVC remote's timeouts per request (see _use_as_dvc_remote)
 START_TIMEOUT = {"postgres": 30, "s3": 15, "mlflow": 300}  # mlflow's first start migrates its databases
 MODULES = {  # service: {Python module it needs: the package that installs it}
     "postgres": {"psycopg": "psycopg[binary]"},
@@ -305,6 +306,10 @@ def _use_as_dvc_remote(stack: Stack, repo: Path = REPO) -> str:
         ["modify", "--local", "team", "endpointurl", stack.s3_endpoint_url],
         ["modify", "--local", "team", "access_key_id", stack.aws_access_key_id],
         ["modify", "--local", "team", "secret_access_key", stack.aws_secret_access_key],
+        # Each request is tried 25 times (botocore 5, s3fs 5 of those): with botocore's 60 s read timeout a store
+        # that stopped answering would hold `dvc push` about 25 minutes (20 s: 545 s measured; docs/failures.md).
+        ["modify", "--local", "team", "connect_timeout", str(S3_CONNECT_SECONDS)],
+        ["modify", "--local", "team", "read_timeout", str(S3_READ_SECONDS)],
     ):
         done = subprocess.run([*dvc, *args], cwd=repo, capture_output=True, text=True)
         if done.returncode:

@@ -10,6 +10,7 @@ import collections
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ import yaml
 
 from stages import tune
 from stages.common import paths
+from stages.common.errors import StageError
 from stages.lib.experiments import list_experiments
 from stages.lib.input_pipeline import load_examples
 from stages.lib.tracking import MODEL_TAG, md5
@@ -314,6 +316,54 @@ def test_a_tracking_server_stopped_for_two_epochs_mid_training_still_gets_the_co
     assert {key: found.data.metrics[key] for key in evaluation} == pytest.approx(evaluation)
 
 
+RERUN = "run the stage again once it answers"
+OUTAGE_WAIT = 20  # MNIST_TRACKING_WAIT below: the stage's limit on waiting for a tracking server whose database is down
+
+
+def test_postgresql_down_mid_training_stops_the_stage_in_one_line_writing_nothing_and_its_run_is_closed_later(
+    origin, stack, client, tmp_path
+):
+    # PostgreSQL, behind the tracking server, stopped at epoch 3 of 8 and kept down: the server is up but cannot
+    # store anything, so MLflow's client retries; the stage's limit on that wait (shortened here) ends it.
+    clone = machine(origin, stack, tmp_path / "clone")
+    env = team_env(stack, MNIST_TRACKING_WAIT=str(OUTAGE_WAIT), PYTHONUNBUFFERED="1")
+    before = set(all_runs(client))
+    with started(["dvc", "exp", "run", "-S", "epochs=8"], clone, env) as training:
+        training.wait_for_line("Epoch 3/")
+        team_stack.stop(stack.folder, services=["postgres"])
+        try:
+            stopped = time.monotonic()
+            output = training.finish(timeout=OUTAGE_WAIT + 600)
+            seconds = time.monotonic() - stopped
+        finally:
+            team_stack.start(stack.folder, services=["postgres"])
+    assert training.process.returncode != 0
+    lines = output.splitlines()
+    assert "Epoch 8/8" in output, "the stage stopped before the end of its training"
+    limit = f"did not answer within {OUTAGE_WAIT} s (set MNIST_TRACKING_WAIT to wait longer)"
+    [error] = [line for line in lines if line.startswith("train: error:")]
+    assert error == f"train: error: MLflow tracking store {stack.tracking_uri} {limit}; {RERUN}"
+    assert "Traceback" not in output and "Retrying" not in output
+    assert seconds < OUTAGE_WAIT + 300  # the five epochs left, then the limit: not MLflow's retries, for minutes
+
+    # Nothing half-written: no model, no metrics, and dvc.lock still describes the previous outputs.
+    assert not (clone / paths.MODEL).exists() and not (clone / paths.TRAIN_METRICS).exists()
+    committed = yaml.safe_load(run(["git", "show", "HEAD:dvc.lock"], clone).stdout)["stages"]
+    assert yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["train"] == committed["train"]
+    [hint] = [line for line in lines if "to restore them: " in line]
+    run(["bash", "-c", hint.split("to restore them: ", 1)[1]], clone)
+    run(["git", "checkout", "--", "params.yaml", "dvc.lock"], clone)  # what `dvc exp run -S` had changed
+    assert changed_stages(clone) == set()
+
+    # PostgreSQL back: the run the stage could not end is RUNNING until the next stage on this host marks it KILLED.
+    [outage] = [client.get_run(run_id) for run_id in set(all_runs(client)) - before]
+    assert outage.info.status == "RUNNING"
+    again = run(["dvc", "exp", "run", "-S", "epochs=1"], clone, env)
+    assert f"MLflow run {outage.info.run_id} was left RUNNING by a killed stage; marked it KILLED" in again.stdout
+    assert client.get_run(outage.info.run_id).info.status == "KILLED"
+    assert sorted(client.get_run(r).info.status for r in set(all_runs(client)) - before) == ["FINISHED", "KILLED"]
+
+
 def test_the_s3_store_down_during_dvc_push_is_a_clear_error_and_a_second_push_completes(origin, stack, tmp_path):
     clone = machine(origin, stack, tmp_path / "clone")
     run(["dvc", "exp", "run", "-S", "epochs=1", "-S", "hidden_layer_size=12"], clone, team_env(stack))
@@ -504,6 +554,74 @@ def test_two_machines_run_one_study_and_a_worker_killed_mid_trial_costs_only_tha
             assert n == killed and child.info.status in ("KILLED", "FAILED"), (n, child.info.status)
 
 
+def reported_steps(stack, trial_id: int) -> list[int]:
+    """The epochs of the trial as its database received them, in that order."""
+    with psycopg.connect(stack.database_uri("optuna"), autocommit=True) as database:
+        rows = database.execute(
+            "SELECT step FROM trial_intermediate_values WHERE trial_id = %s ORDER BY trial_intermediate_value_id",
+            (trial_id,),
+        ).fetchall()
+    return [int(step) for (step,) in rows]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+@pytest.mark.parametrize("back", [True, False], ids=["back-before-the-end", "down-at-the-end"])
+def test_epochs_the_study_database_missed_reach_it_in_order_or_the_trial_fails_naming_them(
+    stack, monkeypatch, capsys, back
+):
+    # A real PostgreSQL stopped at epoch 2 and started again: epochs 2 and 3 are reported with epoch 4, or, if it
+    # is still down at the trial's end, after a wait (shortened here) the trial fails in one line naming them.
+    monkeypatch.setattr(tune, "REPORT_WAIT_SECONDS", 3)
+    study = optuna.create_study(
+        study_name=f"reports-{back}", storage=tune.open_storage(stack.database_uri("optuna")), direction="maximize"
+    )
+    reports = tune.EpochReports(study.ask(), "reports-0", epochs=5)
+    assert not reports.on_epoch({"epoch": 1, "val_accuracy": 0.5})
+    team_stack.stop(stack.folder, services=["postgres"])
+    try:
+        for epoch in (2, 3):
+            assert not reports.on_epoch({"epoch": epoch, "val_accuracy": 0.5 + epoch / 100})
+        if back:
+            team_stack.start(stack.folder, services=["postgres"])
+        assert not reports.on_epoch({"epoch": 4, "val_accuracy": 0.54})
+        if back:
+            reports.report_the_rest()
+        else:
+            with pytest.raises(tune.TrialFailed) as failed:
+                reports.report_the_rest()
+    finally:
+        team_stack.start(stack.folder, services=["postgres"])
+    out = capsys.readouterr().out
+    for epoch in (2, 3):
+        assert f"tune: reports-0: epoch {epoch} kept to report later (" in out
+    trial_id = reports.trial._trial_id
+    if back:
+        assert reported_steps(stack, trial_id) == [1, 2, 3, 4]
+        assert study.trials[0].intermediate_values == {1: 0.5, 2: 0.52, 3: 0.53, 4: 0.54}
+    else:
+        assert reported_steps(stack, trial_id) == [1]
+        assert str(failed.value).startswith("reports-0: epochs 2, 3, 4 never reached the study's database (")
+        [line] = [line for line in out.splitlines() if "never reached" in line]
+        assert line.endswith(" within 3 s; the trial fails") and "\n" not in str(failed.value)
+
+
+def test_a_study_database_that_accepts_no_connection_is_one_line_within_the_connect_limit(stack):
+    # PostgreSQL's postmaster stopped (SIGSTOP): connections queue, unanswered; psycopg alone waits 130 s.
+    pid = team_stack.status(stack.folder)["postgres"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        with pytest.raises(StageError) as failed:
+            tune.open_storage(stack.database_uri("optuna"))
+        seconds = time.monotonic() - began
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    where = f"{team_stack.HOST}:{stack.ports['postgres']}/optuna"
+    assert str(failed.value).startswith(f"study storage {where} is unreachable or broken: ")
+    assert "connection timeout expired" in str(failed.value) and "\n" not in str(failed.value)
+    assert seconds < tune.CONNECT_SECONDS + 30  # the limit promised, not psycopg's 130 s
+
+
 OUTAGE_SPACE = """
 seed: 5
 budget: {trials: 2}
@@ -564,7 +682,7 @@ def test_a_study_loses_no_completed_trial_to_the_database_or_the_tracking_server
     for trial in study.trials:
         assert trial.state.name == "COMPLETE"
         assert trial.value == shown[f"outage-{trial.number}"]["metrics/train.json"]["data"]["val_accuracy"]
-        assert max(trial.intermediate_values) == 50  # epochs reported again after the outage
+        assert sorted(trial.intermediate_values) == list(range(1, 51))  # none lost to the outage
 
     [parent], children = study_runs(client, "outage")
     assert parent.info.status == "FINISHED" and parent.data.metrics["best_val_accuracy"] == study.best_value

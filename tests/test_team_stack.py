@@ -51,6 +51,7 @@ def test_the_stacks_s3_store_becomes_the_clones_default_dvc_remote_in_config_loc
     where = tmp_path / ".dvc/config.local"
     assert line == f"DVC remote `team` (s3://dvc at http://127.0.0.1:19000): this clone's default, in {where}"
     assert "endpointurl = http://127.0.0.1:19000" in local and "secret_access_key = team-stack-s3-secret" in local
+    assert "connect_timeout = 5" in local and "read_timeout = 10" in local  # not botocore's 60 s, tried 25 times
     remotes = subprocess.run([*dvc, "remote", "list"], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert remotes.stdout.split() == ["team", "s3://dvc", "(default)"]
     assert (tmp_path / ".dvc/config").read_text() == tracked

@@ -404,19 +404,6 @@ def test_a_heartbeat_the_database_cannot_take_is_skipped_and_the_next_one_record
     assert capsys.readouterr().out.count("tune: heartbeat not recorded (could not connect to server); next try") == 2
 
 
-def test_a_trial_trains_on_unpruned_while_the_study_database_cannot_take_its_epochs(tmp_path, monkeypatch, capsys):
-    def database_down(*args):
-        raise OSError("could not connect to server")
-
-    study, searched = tiny_study(tmp_path)
-    monkeypatch.setattr(optuna.trial.Trial, "report", database_down)
-    tune.run_trials(study, FakeRunner(tmp_path, {"s-0": [0.9, 0.91, 0.92]}), searched, BASE, 1)
-    assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 0.92)]
-    out = capsys.readouterr().out
-    for epoch in (1, 2, 3):
-        assert f"tune: s-0: epoch {epoch} not reported to the study (could not connect to server); not pruning\n" in out
-
-
 # A pipeline of one stage that writes metrics/train.json as train does, val_accuracy 0.9<epochs>, and prints its
 # epoch line for a program when tune asks for it.
 ONE_EPOCH = """test -z "$MNIST_EPOCH_JSON" || echo 'train: epoch {"epoch": 1, "val_accuracy": 0.9${epochs}}';
