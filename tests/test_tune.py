@@ -54,6 +54,14 @@ def test_the_repository_search_space_is_valid_and_read_whole():
 
 
 @pytest.mark.parametrize(
+    "name, grid, trials", [("search-quick.yaml", False, 12), ("sweep-dense.yaml", True, 4), ("sweep-cnn.yaml", True, 2)]
+)
+def test_the_repositorys_quick_search_and_sweeps_are_valid(name, grid, trials):
+    searched = load_space(REPO / name, BASE)
+    assert (searched.grid, searched.trials) == (grid, trials)
+
+
+@pytest.mark.parametrize(
     "changes, message",
     [
         ({"parameters": {"hiden_layer_size": {"min": 1, "max": 9}}}, "unknown key 'hiden_layer_size' (did you mean"),
