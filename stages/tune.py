@@ -351,14 +351,23 @@ class ParentRun:
 
     def trial_finished(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Optuna callback: tag the trial's run (found by its experiment's name and this parent; none if DVC
-        restored the trial), if it completed or was pruned; then update the study's run."""
+        restored the trial), if it completed or was pruned, and link its model to the study's run if it is the best
+        so far; then update the study's run."""
+        from mlflow.entities import LoggedModelOutput
+
         if trial.state.name in ("COMPLETE", "PRUNED"):
             name, pruned = trial.user_attrs["experiment"], trial.state.name == "PRUNED"
             with _not_fatal(f"tag the run of {name}"):
                 query = f"tags.`dvc.experiment` = '{name}' and tags.`mlflow.parentRunId` = '{self.run_id}'"
+                best = best_trial(study)
                 for run in self.client.search_runs([self.experiment_id], query):
                     tags = {"tune.study": study.study_name, "tune.trial": str(trial.number)}
                     self._tag(run.info.run_id, tags | ({PRUNED_TAG: "true"} if pruned else {}))
+                    if best is not None and best.number == trial.number:
+                        # The study's output is its best model so far: MLflow 3's UI (GenAI view, its default)
+                        # files a run without a model output under "Evaluation runs", not among training runs.
+                        models = [LoggedModelOutput(m.model_id, trial.number) for m in run.outputs.model_outputs]
+                        self.client.log_outputs(self.run_id, models)
         self.update(study, trial.number)
 
     def update(self, study: optuna.Study, step: int) -> None:
