@@ -3,12 +3,14 @@
 Usage: python -m stages.tune [--study NAME] [--trials N] [--minutes M] [--jobs N] [--storage URL] [--space FILE]
 
 Each trial is `dvc exp run --temp -S ... -n <study>-<trial number>`: it shows in `dvc exp show` and can be
-applied, pushed and promoted (`python -m stages.promote <name>`) like any other. A TPE sampler, seeded,
-suggests the points; a median pruner stops a trial whose per-epoch val_accuracy falls behind, at the end
+applied, pushed and promoted (`python -m stages.promote <name>`) like any other. A TPE sampler, seeded by the
+seed and each trial's number, suggests the points (a grid sampler, each point once, when every searched param
+lists its values); a median pruner stops a trial whose per-epoch val_accuracy falls behind, at the end
 of an epoch (its MLflow run ends KILLED, tagged `tune.pruned`; it makes no DVC experiment). The study
 lives in a database: OPTUNA_STORAGE or --storage, by default optuna.db beside mlflow.db; several
 processes or machines on one database share the study. Ctrl-C stops the running trials at their next
-epoch end; running the command again resumes the study.
+epoch end; running the command again resumes the study, under the search it started with (an edited search
+file is refused).
 """
 
 from __future__ import annotations
