@@ -454,7 +454,7 @@ def budget_worker(folder):
 def test_two_workers_on_one_study_start_no_trial_past_its_budget(tmp_path):
     # A runs s-0, then B s-1 until A has run s-2 and s-3: 3 complete and B's running one make 4. Counting finished
     # trials only, A would start a fifth.
-    tiny_study(tmp_path)  # the study exists before the workers open it
+    tiny_study(tmp_path, startup_trials=10)  # the study exists before the workers open it, with their search
     spawn = multiprocessing.get_context("spawn")
     a, b = (spawn.Process(target=budget_worker, args=(tmp_path,)) for _ in range(2))
     a.start()
@@ -463,7 +463,7 @@ def test_two_workers_on_one_study_start_no_trial_past_its_budget(tmp_path):
     a.join(timeout=120)
     b.join(timeout=120)
     assert (a.exitcode, b.exitcode) == (0, 0)
-    study, _ = tiny_study(tmp_path)
+    study, _ = tiny_study(tmp_path, startup_trials=10)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
     assert started(tmp_path) == ["s-0", "s-1", "s-2", "s-3"]
 
