@@ -3,12 +3,14 @@
 Usage: python -m stages.tune [--study NAME] [--trials N] [--minutes M] [--jobs N] [--storage URL] [--space FILE]
 
 Each trial is `dvc exp run --temp -S ... -n <study>-<trial number>`: it shows in `dvc exp show` and can be
-applied, pushed and promoted (`python -m stages.promote <name>`) like any other. A TPE sampler, seeded,
-suggests the points; a median pruner stops a trial whose per-epoch val_accuracy falls behind, at the end
+applied, pushed and promoted (`python -m stages.promote <name>`) like any other. A TPE sampler, seeded by the
+seed and each trial's number, suggests the points (a grid sampler, each point once, when every searched param
+lists its values); a median pruner stops a trial whose per-epoch val_accuracy falls behind, at the end
 of an epoch (its MLflow run ends KILLED, tagged `tune.pruned`; it makes no DVC experiment). The study
 lives in a database: OPTUNA_STORAGE or --storage, by default optuna.db beside mlflow.db; several
 processes or machines on one database share the study. Ctrl-C stops the running trials at their next
-epoch end; running the command again resumes the study.
+epoch end; running the command again resumes the study, under the search it started with (an edited search
+file is refused).
 """
 
 from __future__ import annotations
@@ -95,17 +97,41 @@ def database_error(exc: BaseException) -> str:
     return first_line(exc)
 
 
-def open_study(name: str, storage: optuna.storages.BaseStorage, space: Space) -> optuna.Study:
-    """Create the study or load it (resume, or another machine's): maximise, seeded TPE, median pruner."""
+def open_study(
+    name: str, storage: optuna.storages.BaseStorage, space: Space, space_file: Path = SEARCH_FILE
+) -> optuna.Study:
+    """Create the study or load it (resume, or another machine's): maximise, median pruner, a grid sampler for a
+    grid, else TPE seeded per trial. A study started with another search than `space` is refused, unchanged."""
     import optuna
 
+    class TrialSeededTPE(optuna.samplers.TPESampler):
+        """Seeded by the seed and the trial's number, which the storage hands out: two machines starting at once
+        draw different points (one seed for all drew the same), and one worker repeats its points, resumed or not."""
+
+        def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            super().before_trial(study, trial)
+            self._rng.rng.seed(space.seed + trial.number)
+            self._random_sampler._rng.rng.seed(space.seed + trial.number)  # its first, random, points
+
     pruner = optuna.pruners.MedianPruner(n_startup_trials=space.startup_trials, n_warmup_steps=space.warmup_epochs)
+    # A grid: each trial takes the point of its number (shuffled by the seed), so no point runs twice.
+    sampler = optuna.samplers.GridSampler(space.choices, seed=space.seed) if space.grid else TrialSeededTPE()
     study = optuna.create_study(
-        study_name=name, storage=storage, direction="maximize", pruner=pruner, load_if_exists=True
+        study_name=name, storage=storage, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
     )
-    # Seeded by the trials already there: a second machine joining (or a resume) must not draw the
-    # same sequence again (with one seed, two machines were seen suggesting the same first points).
-    study.sampler = optuna.samplers.TPESampler(seed=space.seed + len(study.trials))
+    search = {key: value for key, value in _space_tags(space).items() if not key.startswith("budget.")}
+    started = study.user_attrs.get("search")
+    if started is None:
+        study.set_user_attr("search", search)
+    elif started != search:  # its trials ran under the search it started with: refuse rather than mix
+        changes = ", ".join(
+            f"{key} {started.get(key, '(none)')} (now {search.get(key, '(none)')})"
+            for key in sorted(started.keys() | search.keys())
+            if started.get(key) != search.get(key)
+        )
+        raise StageError(
+            f"{space_file}: study '{name}' was started with {changes}; use a new --study name or restore the file"
+        )
     return study
 
 
@@ -364,14 +390,23 @@ class ParentRun:
 
     def trial_finished(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Optuna callback: tag the trial's run (found by its experiment's name and this parent; none if DVC
-        restored the trial), if it completed or was pruned; then update the study's run."""
+        restored the trial), if it completed or was pruned, and link its model to the study's run if it is the best
+        so far; then update the study's run."""
+        from mlflow.entities import LoggedModelOutput
+
         if trial.state.name in ("COMPLETE", "PRUNED"):
             name, pruned = trial.user_attrs["experiment"], trial.state.name == "PRUNED"
             with _not_fatal(f"tag the run of {name}"):
                 query = f"tags.`dvc.experiment` = '{name}' and tags.`mlflow.parentRunId` = '{self.run_id}'"
+                best = best_trial(study)
                 for run in self.client.search_runs([self.experiment_id], query):
                     tags = {"tune.study": study.study_name, "tune.trial": str(trial.number)}
                     self._tag(run.info.run_id, tags | ({PRUNED_TAG: "true"} if pruned else {}))
+                    if best is not None and best.number == trial.number:
+                        # The study's output is its best model so far: MLflow 3's UI (GenAI view, its default)
+                        # files a run without a model output under "Evaluation runs", not among training runs.
+                        models = [LoggedModelOutput(m.model_id, trial.number) for m in run.outputs.model_outputs]
+                        self.client.log_outputs(self.run_id, models)
         self.update(study, trial.number)
 
     def update(self, study: optuna.Study, step: int) -> None:
@@ -429,7 +464,8 @@ def _space_tags(space: Space) -> dict[str, str]:
     tags = {f"space.{key}": f"[{r.low}, {r.high}]{' log' if r.log else ''}" for key, r in space.ranges.items()}
     tags |= {f"space.{key}": json.dumps(values) for key, values in space.choices.items()}
     tags |= {f"fixed.{key}": str(value) for key, value in space.fixed.items()}
-    tags |= {"budget.trials": str(space.trials), "budget.minutes": str(space.minutes), "sampler.seed": str(space.seed)}
+    tags |= {"budget.trials": str(space.trials), "budget.minutes": str(space.minutes)}
+    tags |= {"sampler": "grid" if space.grid else "TPE", "sampler.seed": str(space.seed)}
     tags |= {"pruner": f"median, warmup {space.warmup_epochs} epochs, after {space.startup_trials} trials"}
     return tags
 
@@ -487,10 +523,10 @@ def main(
     space = load_space(space_file, base)
     budget = {"trials": trial_budget, "minutes": minutes}
     space = dataclasses.replace(space, **{key: value for key, value in budget.items() if value is not None})
-    experiment_id = tracking.open_experiment(base.mlflow_experiment)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # tune prints each trial's end itself
     storage_url = storage_url or os.environ.get(STORAGE_ENV) or f"sqlite:///{tracking.repo_root() / STUDY_DATABASE}"
-    study = open_study(study_name, open_storage(storage_url), space)
+    study = open_study(study_name, open_storage(storage_url), space, space_file)  # first: it may refuse the file
+    experiment_id = tracking.open_experiment(base.mlflow_experiment)
     parent = ParentRun(study, experiment_id, space, space_file)
     runner = TrialRunner(tracking.repo_root(), parent.run_id)
     # A killed worker's trial is RUNNING until its heartbeat is GRACE_SECONDS old; then it fails (its point

@@ -54,6 +54,14 @@ def test_the_repository_search_space_is_valid_and_read_whole():
 
 
 @pytest.mark.parametrize(
+    "name, grid, trials", [("search-quick.yaml", False, 12), ("sweep-dense.yaml", True, 4), ("sweep-cnn.yaml", True, 2)]
+)
+def test_the_repositorys_quick_search_and_sweeps_are_valid(name, grid, trials):
+    searched = load_space(REPO / name, BASE)
+    assert (searched.grid, searched.trials) == (grid, trials)
+
+
+@pytest.mark.parametrize(
     "changes, message",
     [
         ({"parameters": {"hiden_layer_size": {"min": 1, "max": 9}}}, "unknown key 'hiden_layer_size' (did you mean"),
@@ -82,6 +90,9 @@ def test_the_repository_search_space_is_valid_and_read_whole():
         ({"sampler": "random"}, "unknown key 'sampler'"),
         ({"budjet": {"trials": 2}}, "unknown key 'budjet' (did you mean 'budget'?)"),
         ({"budget": {"trails": 2}}, "unknown key 'budget.trails' (did you mean 'budget.trials'?)"),
+        ({"budget": None}, "budget needs trials, minutes or both (a grid"),
+        ({"budget": None, "parameters": {"hiden_layer_size": {"values": [64, 128]}}}, "unknown key 'hiden_layer_size'"),
+        ({"budget": None, "parameters": {"dropout": {"values": [0.1, 1.5]}}}, "got 1.5 (parameters.dropout.values)"),
     ],
 )
 def test_a_bad_search_space_is_one_line_naming_what_is_wrong(changes, message):
@@ -101,6 +112,13 @@ def test_a_bad_search_space_stops_the_command_before_anything_runs(tmp_path, run
         == "tune: error: search.yaml: parameters.dropout: empty range, min 0.5 must be below max 0.2"
     )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml", "search.yaml"]  # nothing written
+
+
+def test_a_search_whose_every_param_lists_its_values_is_a_grid_its_budget_the_grid_size():
+    grid = {"hidden_layer_size": {"values": [64, 128]}, "dropout": {"values": [0.1, 0.2, 0.3]}}
+    assert parse_space(space(budget=None, parameters=grid), BASE).trials == 6
+    assert parse_space(space(budget={"trials": 2}, parameters=grid), BASE).trials == 2
+    assert parse_space(space(parameters=grid), BASE).grid and not parse_space(space(), BASE).grid
 
 
 def test_suggested_points_are_in_the_space_valid_and_seeded():
@@ -324,6 +342,79 @@ def test_stop_all_stops_the_running_trials_at_their_epoch_end_and_starts_no_new_
     assert started(tmp_path) == ["s-0"]  # the one run before, none since
 
 
+def test_a_grid_runs_each_point_once_two_at_a_time_and_stops_at_its_size(tmp_path):
+    raw = space(budget=None, parameters={"hidden_layer_size": {"values": [16, 32]}, "dropout": {"values": [0.1, 0.2]}})
+    searched = parse_space(raw, BASE)
+    study = tune.open_study("s", tune.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"), searched)
+    tune.run_trials(study, FakeRunner(tmp_path, {f"s-{n}": [0.9] for n in range(6)}), searched, BASE, None, jobs=2)
+    assert started(tmp_path) == ["s-0", "s-1", "s-2", "s-3"]
+    points = sorted((t.params["hidden_layer_size"], t.params["dropout"]) for t in study.trials)
+    assert points == [(16, 0.1), (16, 0.2), (32, 0.1), (32, 0.2)]
+
+
+def test_one_worker_suggests_the_same_points_resumed_or_not(tmp_path):
+    steps = {f"s-{n}": [0.9 + n / 100] for n in range(3)}
+    for folder in ("straight", "resumed"):
+        (tmp_path / folder).mkdir()
+    straight, searched = tiny_study(tmp_path / "straight")
+    tune.run_trials(straight, FakeRunner(tmp_path / "straight", steps), searched, BASE, 3)
+    tune.run_trials(tiny_study(tmp_path / "resumed")[0], FakeRunner(tmp_path / "resumed", steps), searched, BASE, 2)
+    resumed, _ = tiny_study(tmp_path / "resumed")  # a new process
+    tune.run_trials(resumed, FakeRunner(tmp_path / "resumed", steps), searched, BASE, 1)
+    assert [t.params for t in resumed.trials] == [t.params for t in straight.trials]
+
+
+def first_point_worker(folder, barrier):
+    """A worker of the study in `folder` that runs one trial once the other worker has opened the study too."""
+    study, searched = tiny_study(folder)
+    barrier.wait()  # both opened the study before either made a trial: two machines starting at the same instant
+    tune.run_trials(study, FakeRunner(folder, {f"s-{n}": [0.9] for n in range(2)}), searched, BASE, 1)
+
+
+def test_two_workers_starting_at_the_same_instant_suggest_different_first_points(tmp_path):
+    tiny_study(tmp_path)
+    spawn = multiprocessing.get_context("spawn")
+    barrier = spawn.Barrier(2)
+    workers = [spawn.Process(target=first_point_worker, args=(tmp_path, barrier)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    first, second = tiny_study(tmp_path)[0].trials
+    assert first.state.name == second.state.name == "COMPLETE" and first.params != second.params
+
+
+def test_a_study_resumed_with_another_search_is_refused_naming_what_changed_and_left_as_it_was(tmp_path):
+    storage = tune.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    tune.open_study("s", storage, parse_space(space(), BASE))
+    started_with = optuna.load_study(study_name="s", storage=storage).user_attrs
+    tune.open_study("s", storage, parse_space(space(budget={"trials": 9}), BASE))  # a new budget is no new search
+    edited = {**space()["parameters"], "hidden_layer_size": {"min": 32, "max": 256, "log": True}}
+    with pytest.raises(StageError) as caught:
+        tune.open_study("s", storage, parse_space(space(parameters=edited, fixed={"epochs": 3}), BASE))
+    assert str(caught.value) == (
+        "search.yaml: study 's' was started with fixed.epochs 2 (now 3), space.hidden_layer_size [16, 256] log "
+        "(now [32, 256] log); use a new --study name or restore the file"
+    )
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert study.user_attrs == started_with and study.trials == []
+
+
+def test_the_command_refuses_an_edited_search_file_before_anything_is_written(tmp_path, run_stage_in):
+    (tmp_path / "params.yaml").write_bytes(REAL_PARAMS.read_bytes())
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    tune.open_study("s", tune.open_storage(storage), parse_space(space(), BASE))
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(space(seed=2)))
+    result = run_stage_in("tune", tmp_path, "--study", "s", "--storage", storage)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        "tune: error: search.yaml: study 's' was started with sampler.seed 1 (now 2); "
+        "use a new --study name or restore the file\n"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml", "search.yaml", "studies.db"]
+
+
 def one_trial_worker(folder):
     """A worker of the study in `folder`, its heartbeat every second, its trial waiting for SIGINT after epoch 1."""
     tune.HEARTBEAT_SECONDS, tune.GRACE_SECONDS = 1, 3
@@ -363,7 +454,7 @@ def budget_worker(folder):
 def test_two_workers_on_one_study_start_no_trial_past_its_budget(tmp_path):
     # A runs s-0, then B s-1 until A has run s-2 and s-3: 3 complete and B's running one make 4. Counting finished
     # trials only, A would start a fifth.
-    tiny_study(tmp_path)  # the study exists before the workers open it
+    tiny_study(tmp_path, startup_trials=10)  # the study exists before the workers open it, with their search
     spawn = multiprocessing.get_context("spawn")
     a, b = (spawn.Process(target=budget_worker, args=(tmp_path,)) for _ in range(2))
     a.start()
@@ -372,7 +463,7 @@ def test_two_workers_on_one_study_start_no_trial_past_its_budget(tmp_path):
     a.join(timeout=120)
     b.join(timeout=120)
     assert (a.exitcode, b.exitcode) == (0, 0)
-    study, _ = tiny_study(tmp_path)
+    study, _ = tiny_study(tmp_path, startup_trials=10)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
     assert started(tmp_path) == ["s-0", "s-1", "s-2", "s-3"]
 

@@ -1,8 +1,9 @@
 """End to end: a tiny study (4 trials x 2 epochs, 2 at once) in a copy of the baseline, resumed, a point DVC
-has trained before restored from its run-cache, and the winner promoted."""
+has trained before restored from its run-cache, a tiny grid, and the winner promoted."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import mlflow
@@ -10,7 +11,7 @@ import optuna
 import pytest
 
 from stages.tune import PRUNED_TAG
-from tests.e2e import experiments_shown, run
+from tests.e2e import experiments_shown, run, user_env
 
 pytestmark = pytest.mark.slow
 
@@ -24,15 +25,22 @@ parameters:
 fixed:
   epochs: 2
 """
+TINY_GRID = """
+parameters:
+  hidden_layer_size: {values: [16, 32]}
+fixed:
+  epochs: 1
+"""
 
 
-def tune(repo, *args):
-    return run([sys.executable, "-m", "stages.tune", "--space", "tiny.yaml", *args], repo, timeout=1200)
+def tune(repo, *args, space="tiny.yaml"):
+    return run([sys.executable, "-m", "stages.tune", "--space", space, *args], repo, timeout=1200)
 
 
 def test_a_tiny_study_runs_each_trial_as_an_experiment_under_one_parent_run(repo):
     (repo / "tiny.yaml").write_text(TINY_SPACE)
-    run(["git", "add", "tiny.yaml"], repo)
+    (repo / "grid.yaml").write_text(TINY_GRID)
+    run(["git", "add", "tiny.yaml", "grid.yaml"], repo)
     run(["git", "commit", "-qm", "tiny search space"], repo)
 
     result = tune(repo, "--study", "tiny", "--jobs", "2")
@@ -63,6 +71,14 @@ def test_a_tiny_study_runs_each_trial_as_an_experiment_under_one_parent_run(repo
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_name = {child.info.run_name: child for child in children}
     assert sorted(by_name) == [f"tiny-{n}" for n in range(4)]
+    # The parent's outputs: each best-so-far trial's model, the last (highest step) the best's. Without a model
+    # output, MLflow's UI files the parent under "Evaluation runs".
+    (best_model,) = by_name[f"tiny-{study.best_trial.number}"].outputs.model_outputs
+    outputs = parent.outputs.model_outputs
+    assert max(outputs, key=lambda output: output.step).model_id == best_model.model_id
+    assert {output.model_id for output in outputs} <= {
+        model.model_id for child in children for model in child.outputs.model_outputs
+    }
     for n, child in enumerate(by_name[f"tiny-{n}"] for n in range(4)):
         assert (
             child.info.status == "FINISHED" and len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 2
@@ -78,7 +94,7 @@ def test_a_tiny_study_runs_each_trial_as_an_experiment_under_one_parent_run(repo
     assert "tune: study tiny: 4 trials done of 4" in again.stdout
     assert set(experiments_shown(repo)) == set(shown)
 
-    # Two one-trial studies with the same seed (one job: Optuna reseeds the sampler for more) suggest the
+    # Two one-trial studies with the same seed (trial 0's point: the seed's in both) suggest the
     # same point: DVC restores the second from its run-cache (no training, no MLflow run), and the
     # study still gets its value.
     first = tune(repo, "--study", "first", "--trials", "1")
@@ -92,6 +108,26 @@ def test_a_tiny_study_runs_each_trial_as_an_experiment_under_one_parent_run(repo
     assert repeated.params == original.params and repeated.value == original.value
     assert "Stage 'train' is cached - skipping run" in (repo / ".dvc/tmp/tune/repeat-0.log").read_text()
     assert not client.search_runs([experiment.experiment_id], "tags.`dvc.experiment` = 'repeat-0'")
+
+    # A grid (every param {values: [...]}): each point once, its budget the grid's size, each a DVC experiment.
+    result = tune(repo, "--study", "grid", "--jobs", "2", space="grid.yaml")
+    assert "tune: study grid: 0 trials done of 2;" in result.stdout
+    assert "tune: study grid: 2 trials: 2 complete, 0 pruned, 0 failed, 0 running\n" in result.stdout
+    grid = optuna.load_study(study_name="grid", storage=f"sqlite:///{repo / 'optuna.db'}")
+    assert sorted(t.params["hidden_layer_size"] for t in grid.trials) == [16, 32]
+    shown = experiments_shown(repo)
+    for trial in grid.trials:
+        assert trial.value == shown[f"grid-{trial.number}"]["metrics/train.json"]["data"]["val_accuracy"]
+
+    # Two processes started at the same instant on one study, as two machines would: the database numbers their
+    # trials and each trial's number seeds its point, so their first points differ (with one seed for both, and
+    # both opening the study before either made a trial, they were the same).
+    command = [sys.executable, "-m", "stages.tune", "--space", "tiny.yaml", "--study", "twin", "--trials", "2"]
+    together = [subprocess.Popen(command, cwd=repo, env=user_env(), stdout=subprocess.DEVNULL) for _ in range(2)]
+    assert [process.wait(timeout=1200) for process in together] == [0, 0]
+    twin = optuna.load_study(study_name="twin", storage=f"sqlite:///{repo / 'optuna.db'}")
+    assert [t.state.name for t in twin.trials] == ["COMPLETE", "COMPLETE"]
+    assert twin.trials[0].params != twin.trials[1].params
 
     promoted = run([sys.executable, "-m", "stages.promote", f"tiny-{study.best_trial.number}"], repo)
     assert f"experiment tiny-{study.best_trial.number}" in promoted.stdout

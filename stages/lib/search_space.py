@@ -8,6 +8,7 @@ Ranges are intervals and so are the rules, so valid bounds mean every point betw
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,16 @@ class Space:
     ranges: dict[str, Range]
     choices: dict[str, list[Any]]
     fixed: dict[str, Any]
-    seed: int  # the TPE sampler's
+    seed: int  # the sampler's
     trials: int | None  # complete and pruned trials of the study, over every worker and every resume
     minutes: float | None  # wall time of one `python -m stages.tune`
     warmup_epochs: int  # the pruner never stops a trial before this many epochs
     startup_trials: int  # ... nor before this many trials have finished
+
+    @property
+    def grid(self) -> bool:
+        """Every searched param has its values listed: the study runs each combination once (Optuna's GridSampler)."""
+        return not self.ranges
 
 
 def _fail(origin: str, message: str) -> StageError:
@@ -93,8 +99,6 @@ def parse_space(raw: Any, base: Params, origin: str = str(SEARCH_FILE)) -> Space
         raise _fail(origin, f"budget.trials must be an integer >= 1, got {trials!r}")
     if minutes is not None and not (isinstance(minutes, int | float) and not isinstance(minutes, bool) and minutes > 0):
         raise _fail(origin, f"budget.minutes must be a number > 0, got {minutes!r}")
-    if trials is None and minutes is None:
-        raise _fail(origin, "budget needs trials, minutes or both")
 
     pruner = _section(raw, "pruner", ("warmup_epochs", "startup_trials"), origin)
     warmup, startup = pruner.get("warmup_epochs", 1), pruner.get("startup_trials", 4)
@@ -130,6 +134,11 @@ def parse_space(raw: Any, base: Params, origin: str = str(SEARCH_FILE)) -> Space
                 origin,
                 f"parameters.{key} must be {{values: [...]}} or {{min: ..., max: ...[, log: true]}}, got {spec!r}",
             )
+    if trials is None and minutes is None:
+        if ranges:
+            grid = "a grid (every param {values: [...]}) runs each point once"
+            raise _fail(origin, f"budget needs trials, minutes or both ({grid} without)")
+        trials = math.prod(len(values) for values in choices.values())  # the grid's size
     return Space(ranges, choices, fixed, seed, trials, None if minutes is None else float(minutes), warmup, startup)
 
 
