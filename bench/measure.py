@@ -26,7 +26,7 @@
 7. peak memory (max RSS, from os.wait4) and wall time of each stage, run as `python -m stages.<name>`.
 
 DVC only ever runs in a throwaway git copy of the repository (its tracked and new, not ignored,
-files, made as for the end-to-end tests: tests/e2e.py), never in the repository itself; MLflow
+files, made as for the end-to-end tests: bench/repository.py), never in the repository itself; MLflow
 records into that copy's mlflow.db.
 Each repetition of 1 and 2 is a fresh process: bench/run.py calls itself with `--worker`
 (bench/workers.py).
@@ -49,10 +49,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from bench.phases import breakdown, timed_output
+from bench.repository import REPO as REPO_ROOT
+from bench.repository import clone_repository, run, user_env
 from bench.workers import RESULT_MARK
 from team import stack as team_stack
-from tests.e2e import REPO as REPO_ROOT
-from tests.e2e import clone_repository, run, user_env
 
 BENCH_SCRIPT = Path(__file__).resolve().with_name("run.py")  # what a worker process runs
 STAGES = ("prepare", "split", "train", "evaluate")

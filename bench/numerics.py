@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the root, as bench/run.py does
 
 from bench.measure import Runner  # noqa: E402
-from tests.e2e import clone_repository, run  # noqa: E402
+from bench.repository import clone_repository, run  # noqa: E402
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # `python bench/phases.py` puts bench/, not the root, on sys.path
 
-from tests.e2e import clone_repository, run, user_env  # noqa: E402  (needs the root on sys.path)
+from bench.repository import clone_repository, run, user_env  # noqa: E402  (needs the root on sys.path)
 
 Breakdown = list[tuple[str, float]]
 

@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 
 from bench.measure import STAGES
 from bench.phases import print_table
-from tests.e2e import REPO as REPO_ROOT
-from tests.e2e import run
+from bench.repository import REPO as REPO_ROOT
+from bench.repository import run
 
 # key -> (label, unit), in table order.
 FIGURES = {

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tests.e2e import REPO as REPO_ROOT
+from bench.repository import REPO as REPO_ROOT
 
 RESULT_MARK = "BENCH-RESULT "  # a worker's last line: this mark, then its result as JSON
 # The notebook's hyperparameters; the pipeline worker enforces them whatever params.yaml says.
