@@ -6,8 +6,6 @@ depends on the whole file, so every `dvc repro` and `dvc exp run` after any chan
 the check (a fraction of a second, no TensorFlow).
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 import subprocess

@@ -1,7 +1,5 @@
 """prepare: MNIST from the chosen source -> data/prepared/{train,test}.tfrecord and summary.json."""
 
-from __future__ import annotations
-
 import numpy as np
 
 from stages.common import paths

@@ -1,7 +1,5 @@
 """split: data/prepared/train.tfrecord -> data/split/{train,validation}.tfrecord, disjoint and fixed."""
 
-from __future__ import annotations
-
 import numpy as np
 
 from stages.common import paths

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -86,39 +88,26 @@ def frame_size(path):
     return frame
 
 
-# Each damage gets the file and the size of one frame (8-byte length, 4-byte CRC, record, 4-byte CRC).
+# Each damage gets the file and the size of one frame (8-byte length, 4-byte CRC, record, 4-byte CRC);
+# each test gets the offset of the damaged frame.
 @pytest.mark.parametrize(
-    "damage, match",
+    "damage, offset",
     [
-        (lambda p, frame: keep_bytes(p, 64 * frame - 10), lambda frame: f"truncated record at byte {63 * frame}"),
-        (lambda p, frame: flip_byte(p, 2 * frame + 3), lambda frame: f"corrupt record header at byte {2 * frame} "),
-        (lambda p, frame: flip_byte(p, frame + 12 + 500), lambda frame: f"corrupt record at byte {frame} "),
+        (lambda p, frame: keep_bytes(p, 64 * frame - 10), lambda frame: 63 * frame),
+        (lambda p, frame: keep_bytes(p, 63 * frame + 5), lambda frame: 63 * frame),
+        (lambda p, frame: flip_byte(p, 2 * frame + 3), lambda frame: 2 * frame),
+        (lambda p, frame: flip_byte(p, frame + 12 + 500), lambda frame: frame),
     ],
-    ids=["truncated-record", "flipped-length", "flipped-data"],
+    ids=["truncated-record", "truncated-header", "flipped-length", "flipped-data"],
 )
-def test_damaged_file_is_rejected_by_both_readers(record_file, damage, match):
+def test_damaged_file_is_rejected_by_both_readers(record_file, damage, offset):
     frame = frame_size(record_file)
     damage(record_file, frame)
-    with pytest.raises(StageError, match=match(frame)) as error:
-        read_framed(record_file)
-    assert str(record_file) in str(error.value)
-    with pytest.raises(StageError, match="damaged: a record is cut off or fails its checksum") as error:
-        load_examples(record_file)
-    assert str(record_file) in str(error.value)
-
-
-def test_truncated_record_header_is_rejected_by_the_framing_reader(record_file):
-    frame = frame_size(record_file)
-    keep_bytes(record_file, 63 * frame + 5)
-    with pytest.raises(StageError, match=f"truncated record header at byte {63 * frame} of {63 * frame + 5}"):
-        read_framed(record_file)
-
-
-def test_truncated_record_header_is_rejected_by_tensorflows_reader(record_file):
-    keep_bytes(record_file, 63 * frame_size(record_file) + 5)
-    with pytest.raises(StageError, match="truncated: 5 bytes after the last complete record") as error:
-        load_examples(record_file)
-    assert str(record_file) in str(error.value)
+    size = record_file.stat().st_size
+    message = f"{record_file}: damaged: a record is cut off or fails its checksum (at byte {offset(frame)} of {size})"
+    for read in (read_framed, load_examples):
+        with pytest.raises(StageError, match=re.escape(message)):
+            read(record_file)
 
 
 def test_missing_file_is_named_by_both_readers(tmp_path):

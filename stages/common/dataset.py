@@ -1,7 +1,5 @@
 """The dataset's shape and types, shared by every stage (the readers of raw files live in lib/)."""
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 import numpy as np

@@ -1,7 +1,5 @@
 """The one error type every module raises for a problem the user can fix."""
 
-from __future__ import annotations
-
 
 class StageError(Exception):
     """A problem the user can fix (bad parameter, missing or corrupt file); printed as one line."""

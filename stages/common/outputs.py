@@ -1,7 +1,5 @@
 """Writing outputs so that a stage killed at any moment never leaves a truncated file behind."""
 
-from __future__ import annotations
-
 import contextlib
 import json
 import os

@@ -4,8 +4,6 @@ Nothing else reads the YAML. Validation happens here, before any stage imports
 TensorFlow, so a typo costs a second, not a training run.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import difflib
 import math

@@ -2,8 +2,6 @@
 and `label` (int64). Written and read here in plain Python, so that the data stages need not import TensorFlow
 (seconds); lib/input_pipeline.py reads them with TensorFlow."""
 
-from __future__ import annotations
-
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,7 +14,6 @@ from stages.common.errors import StageError
 from stages.common.outputs import atomic_output
 
 IMAGE_BYTES = int(np.prod(IMAGE_SHAPE))
-FRAMING_BYTES = 16  # per record besides its data: 8-byte length, two 4-byte checksums
 
 
 def _crc(data: bytes) -> bytes:
@@ -68,19 +65,15 @@ def read_framed(path: Path) -> list[bytes]:
         raise StageError(f"{path}: cannot read: {exc.strerror}") from exc
     records, position = [], 0
     while position < len(data):
-        if position + 12 > len(data):
-            raise StageError(f"{path}: truncated record header at byte {position} of {len(data)}")
+        # A cut-off header or record leaves a length or checksum short, so one of the comparisons fails.
         length = data[position : position + 8]
-        if data[position + 8 : position + 12] != _crc(length):
-            raise StageError(f"{path}: corrupt record header at byte {position} (length checksum mismatch)")
         end = position + 12 + int.from_bytes(length, "little")
-        if end + 4 > len(data):
-            raise StageError(
-                f"{path}: truncated record at byte {position}: needs {end + 4} bytes, file has {len(data)}"
-            )
         record = data[position + 12 : end]
-        if data[end : end + 4] != _crc(record):
-            raise StageError(f"{path}: corrupt record at byte {position} (data checksum mismatch)")
+        if data[position + 8 : position + 12] != _crc(length) or data[end : end + 4] != _crc(record):
+            raise StageError(
+                f"{path}: damaged: a record is cut off or fails its checksum (at byte {position} of {len(data)}); "
+                "`dvc checkout` restores DVC's copy"
+            )
         records.append(record)
         position = end + 4
     return records

@@ -1,8 +1,6 @@
 """The TensorFlow input pipelines: record files into memory, then batches for training and evaluation: raw uint8
 pixels (the model scales them itself) and int64 labels, as Keras' loss wants them."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,7 +9,7 @@ import numpy as np
 
 from stages.common.dataset import IMAGE_SHAPE, Examples
 from stages.common.errors import StageError, first_line
-from stages.common.records import FRAMING_BYTES, IMAGE_BYTES
+from stages.common.records import IMAGE_BYTES, read_framed
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -31,44 +29,30 @@ def recorded_count(summary: Path, *keys: str) -> int:
 
 
 def load_examples(path: Path, expected_count: int | None = None) -> Examples:
-    """A TFRecord file of Examples, parsed by TensorFlow in batches, as uint8 arrays; StageError if it is damaged
-    or, given `expected_count`, holds another number of records."""
+    """A TFRecord file of Examples as uint8 arrays, its records read and checked by `read_framed` and parsed by
+    TensorFlow; StageError if it is damaged or, given `expected_count`, holds another number of records."""
     import tensorflow as tf
-
-    def parse_batch(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        spec = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
-        parsed = tf.io.parse_example(serialized, spec)
-        images = tf.io.decode_raw(parsed["image"], tf.uint8, fixed_length=IMAGE_BYTES)
-        framed_bytes = tf.reduce_sum(tf.strings.length(serialized, unit="BYTE") + FRAMING_BYTES)
-        return tf.reshape(images, (-1, *IMAGE_SHAPE)), tf.cast(parsed["label"], tf.uint8), framed_bytes
 
     if not Path(path).is_file():
         raise StageError(f"{path}: file not found (run `dvc repro` to create it)")
-    dataset = tf.data.TFRecordDataset(str(path)).batch(10_000).map(parse_batch)
-    try:
-        batches = [(images.numpy(), labels.numpy(), int(size)) for images, labels, size in dataset]
-    except tf.errors.DataLossError as exc:
-        raise StageError(
-            f"{path}: damaged: a record is cut off or fails its checksum (`dvc checkout` restores DVC's copy)"
-        ) from exc
-    except tf.errors.OpError as exc:
-        raise StageError(f"{path}: not a TFRecord file of MNIST examples: {first_line(exc)}") from exc
-    if not batches:
+    records = read_framed(path)
+    if not records:
         raise StageError(f"{path}: contains no records")
-    images, labels, sizes = zip(*batches, strict=True)
-    # TensorFlow silently drops a last record cut off inside its 12-byte header.
-    if (file_bytes := Path(path).stat().st_size) != sum(sizes):
-        raise StageError(f"{path}: truncated: {file_bytes - sum(sizes)} bytes after the last complete record")
-    examples = Examples(np.concatenate(images), np.concatenate(labels))
-    if expected_count is not None and len(examples.labels) != expected_count:
+    if expected_count is not None and len(records) != expected_count:
         raise StageError(
-            f"{path}: {len(examples.labels)} records, expected {expected_count} as its stage wrote it "
+            f"{path}: {len(records)} records, expected {expected_count} as its stage wrote it "
             "(the file was changed since; `dvc checkout` restores DVC's copy)"
         )
-    return examples
+    spec = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
+    try:
+        parsed = tf.io.parse_example(records, spec)
+        images = tf.io.decode_raw(parsed["image"], tf.uint8, fixed_length=IMAGE_BYTES)
+    except tf.errors.OpError as exc:
+        raise StageError(f"{path}: not a TFRecord file of MNIST examples: {first_line(exc)}") from exc
+    return Examples(images.numpy().reshape(-1, *IMAGE_SHAPE), parsed["label"].numpy().astype(np.uint8))
 
 
-def training_dataset(examples: Examples, batch_size: int, shuffle_buffer: int, seed: int) -> tf.data.Dataset:
+def training_dataset(examples: Examples, batch_size: int, shuffle_buffer: int, seed: int) -> "tf.data.Dataset":
     """Batches reshuffled every epoch with `shuffle_buffer` and `seed`. What is shuffled is the indices of the
     images, kept in memory as one tensor: the same order as shuffling the examples, at half the CPU cost."""
     import tensorflow as tf
@@ -83,7 +67,7 @@ def training_dataset(examples: Examples, batch_size: int, shuffle_buffer: int, s
     )
 
 
-def evaluation_dataset(examples: Examples) -> tf.data.Dataset:
+def evaluation_dataset(examples: Examples) -> "tf.data.Dataset":
     import tensorflow as tf
 
     batches = tf.data.Dataset.from_tensor_slices((examples.images, examples.labels.astype(np.int64)))

@@ -1,8 +1,6 @@
 """The two sources of MNIST, the official IDX files in `data/raw/mnist/` or tensorflow-datasets: both give uint8
 images of shape (N, 28, 28, 1) and uint8 labels 0-9."""
 
-from __future__ import annotations
-
 import gzip
 import hashlib
 import zlib

@@ -5,8 +5,6 @@ The model takes raw uint8 pixels and scales them itself, so a served model canno
 wrong scale; augmentation layers are part of it too, and only act in training.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +16,7 @@ if TYPE_CHECKING:
     import keras
 
 
-def build_model(params: Params) -> keras.Model:
+def build_model(params: Params) -> "keras.Model":
     """uint8 image -> rescale to [0, 1] -> [random shift/rotation] -> conv_blocks x (conv, pool)
     -> flatten -> hidden_layers x (Dense(hidden_layer_size, relu), [dropout]) -> Dense(10, softmax);
     not compiled. The augmentation layers draw from `params.seed`."""
@@ -50,7 +48,7 @@ def build_model(params: Params) -> keras.Model:
     return keras.Sequential(layers, name="mnist_dnn")
 
 
-def load_model(path: Path) -> keras.Model:
+def load_model(path: Path) -> "keras.Model":
     import keras
 
     if not Path(path).is_file():

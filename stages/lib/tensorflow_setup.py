@@ -1,8 +1,5 @@
 """Importing TensorFlow: quietly, without what Keras imports for nothing, and with the kernels `numerics` names."""
 
-from __future__ import annotations
-
-import importlib.abc
 import os
 import sys
 from types import ModuleType
@@ -24,18 +21,6 @@ PORTABLE_THREADS = 1
 KERAS_OPTIONAL_MODULES = ("sklearn", "matplotlib")
 
 
-class _HiddenModules(importlib.abc.MetaPathFinder):
-    """While first in sys.meta_path: these top-level packages look not installed."""
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        self.names = names
-
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> None:
-        if fullname.partition(".")[0] in self.names:
-            raise ModuleNotFoundError(f"No module named {fullname!r} (hidden while TensorFlow loads)", name=fullname)
-        return None
-
-
 def import_tensorflow(numerics: str = "portable") -> ModuleType:
     """Import TensorFlow, its C++ banner silenced (it ignores the setting above), with the CPU kernels that
     `numerics` names: "portable", the same bits on any CPU; "native", TensorFlow's defaults. A process's
@@ -47,12 +32,14 @@ def import_tensorflow(numerics: str = "portable") -> ModuleType:
     saved_stderr = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
-    hidden = _HiddenModules(tuple(name for name in KERAS_OPTIONAL_MODULES if name not in sys.modules))
-    sys.meta_path.insert(0, hidden)
+    # None in sys.modules makes `import sklearn` raise ModuleNotFoundError, as if it were not installed.
+    hidden = [name for name in KERAS_OPTIONAL_MODULES if name not in sys.modules]
+    sys.modules.update(dict.fromkeys(hidden))
     try:
         import tensorflow
     finally:
-        sys.meta_path.remove(hidden)
+        for name in hidden:
+            del sys.modules[name]
         os.dup2(saved_stderr, 2)
         os.close(saved_stderr)
         os.close(devnull)
