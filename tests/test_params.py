@@ -217,4 +217,6 @@ def test_a_key_given_twice_is_refused_not_silently_overridden(tmp_path):
     line = len(path.read_text().splitlines())
     with pytest.raises(StageError) as error:
         load_params(path)
-    assert str(error.value) == f"{path}: not valid YAML: key 'epochs' appears twice (again on line {line})"
+    assert str(error.value) == (
+        f'{path}: not valid YAML: found duplicate key "epochs" with value "10" (original value: "5") (line {line})'
+    )
