@@ -6,13 +6,9 @@ from stages.common import paths
 from stages.common.cli import Timer, log, run_stage
 from stages.common.dataset import NUM_CLASSES, Examples
 from stages.common.outputs import write_json
-from stages.common.params import Params, load_params
+from stages.common.params import load_params
 from stages.common.records import write_examples
 from stages.lib.mnist_sources import Dataset, load_idx, load_tfds
-
-
-def load_source(params: Params) -> Dataset:
-    return load_idx() if params.source == "idx" else load_tfds(params.tfds_data_dir or None)
 
 
 def describe(examples: Examples) -> dict:
@@ -37,7 +33,8 @@ def prepare(dataset: Dataset, source: str) -> dict:
 def main() -> None:
     timer = Timer()
     params = load_params()
-    summary = prepare(load_source(params), params.source)
+    dataset = load_idx() if params.source == "idx" else load_tfds(params.tfds_data_dir or None)
+    summary = prepare(dataset, params.source)
     log(
         "prepare",
         f"wrote {summary['train']['count']} train / {summary['test']['count']} test records "

@@ -49,7 +49,7 @@ def parse_idx(data: bytes, expected_magic: int, origin: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
 
 
-def read_idx(raw_dir: Path, name: str, magic: int, expected_sha256: str) -> tuple[Path, np.ndarray]:
+def read_idx(raw_dir: Path, name: str, magic: int, expected_sha256: dict[str, str]) -> tuple[Path, np.ndarray]:
     """The IDX file `name` in `raw_dir`, gzipped or not, its SHA-256 verified, decoded; and its path."""
     path = next((p for p in (raw_dir / f"{name}.gz", raw_dir / name) if p.is_file()), None)
     if path is None:
@@ -58,21 +58,19 @@ def read_idx(raw_dir: Path, name: str, magic: int, expected_sha256: str) -> tupl
         data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as exc:
         raise StageError(f"{path}: cannot decompress or read: {exc}") from exc
-    if (sha256 := hashlib.sha256(data).hexdigest()) != expected_sha256:
+    if (sha256 := hashlib.sha256(data).hexdigest()) != expected_sha256[name]:
         raise StageError(
-            f"{path}: SHA-256 mismatch of the uncompressed content: expected {expected_sha256}, got {sha256}"
+            f"{path}: SHA-256 mismatch of the uncompressed content: expected {expected_sha256[name]}, got {sha256}"
         )
     return path, parse_idx(data, magic, str(path))
 
 
 def load_idx(raw_dir: Path = RAW_DIR, expected_sha256: dict[str, str] = PINNED_SHA256) -> Dataset:
     """Read and verify the four IDX files: SHA-256, magic numbers, shapes, counts and labels."""
-    splits, hashes = [], {}
+    splits = []
     for prefix in ("train", "t10k"):
-        images_name, labels_name = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
-        images_path, images = read_idx(raw_dir, images_name, IDX_IMAGES_MAGIC, expected_sha256[images_name])
-        labels_path, labels = read_idx(raw_dir, labels_name, IDX_LABELS_MAGIC, expected_sha256[labels_name])
-        hashes |= {name: expected_sha256[name] for name in (images_name, labels_name)}  # verified by read_idx
+        images_path, images = read_idx(raw_dir, f"{prefix}-images-idx3-ubyte", IDX_IMAGES_MAGIC, expected_sha256)
+        labels_path, labels = read_idx(raw_dir, f"{prefix}-labels-idx1-ubyte", IDX_LABELS_MAGIC, expected_sha256)
         if images.shape[1:] != IMAGE_SHAPE[:2]:
             raise StageError(f"{images_path}: expected 28x28 images, got {images.shape[1]}x{images.shape[2]}")
         if len(images) != len(labels):
@@ -82,7 +80,7 @@ def load_idx(raw_dir: Path = RAW_DIR, expected_sha256: dict[str, str] = PINNED_S
         if labels.size and labels.max() >= NUM_CLASSES:
             raise StageError(f"{labels_path}: labels must be 0-9, found {int(labels.max())}")
         splits.append(Examples(images.reshape(-1, *IMAGE_SHAPE), labels))
-    return Dataset(*splits, hashes)
+    return Dataset(*splits, dict(expected_sha256))  # every file verified by read_idx
 
 
 def load_tfds(data_dir: str | None) -> Dataset:
@@ -103,4 +101,4 @@ def load_tfds(data_dir: str | None) -> Dataset:
         images = np.concatenate([images for images, _ in batches]).astype(np.uint8)
         labels = np.concatenate([labels for _, labels in batches]).astype(np.uint8)
         splits.append(Examples(images.reshape(-1, *IMAGE_SHAPE), labels))
-    return Dataset(splits[0], splits[1], {})
+    return Dataset(*splits, {})
