@@ -1,6 +1,6 @@
 """The record format, defined once: TFRecord files of `tf.train.Example`s, features `image` (784 raw uint8 bytes)
 and `label` (int64). Written and read here in plain Python, so that the data stages need not import TensorFlow
-(seconds); lib/input_pipeline.py reads them with TensorFlow."""
+(seconds); lib/input_pipeline.py has TensorFlow parse what read_framed reads."""
 
 import struct
 from collections.abc import Iterable
