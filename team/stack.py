@@ -16,7 +16,6 @@ From Python (pytest fixtures): stack = start(folder, free_ports=True); …; stop
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import pwd
@@ -41,10 +40,6 @@ HOST = "127.0.0.1"
 DEBIAN_PG = Path("/usr/lib/postgresql")  # Debian's and Ubuntu's PostgreSQL: <version>/bin/{initdb,postgres}
 S3_CONNECT_SECONDS, S3_READ_SECONDS = 5, 10  # the DVC remote's timeouts per request (see _use_as_dvc_remote)
 START_TIMEOUT = {"postgres": 30, "s3": 15, "mlflow": 300}  # mlflow's first start migrates its databases
-MODULES = {  # service: {Python module it needs: the package that installs it}
-    "postgres": {"psycopg": "psycopg[binary]"},
-    "mlflow": {"mlflow": "mlflow", "flask_wtf": "mlflow[auth]", "boto3": "boto3"},
-}
 
 
 class StackError(Exception):
@@ -148,9 +143,6 @@ def _pg_bin(name: str) -> str:
 def _preflight(services: Iterable[str]) -> None:
     """Fail at once, in one line, on anything missing (not after a start-up timeout)."""
     for service in services:
-        for module, pip in MODULES.get(service, {}).items():
-            if not importlib.util.find_spec(module):
-                raise StackError(f"{service}: Python module {module} missing in {sys.executable}: pip install '{pip}'")
         if service == "postgres":
             _pg_bin("initdb"), _pg_bin("postgres"), _as_unprivileged()
         if service == "s3":
@@ -278,20 +270,25 @@ def _start_mlflow(stack: Stack) -> subprocess.Popen:
 
 def _use_as_dvc_remote(stack: Stack, repo: Path = REPO) -> str:
     """Make the stack's S3 store `repo`'s default DVC remote `team`, in .dvc/config.local (ignored by git)."""
-    dvc = [_find("dvc", Path(sys.executable).parent), "remote"]
-    for args in (
-        ["add", "--local", "--force", "--default", "team", f"s3://{stack.dvc_bucket}"],
-        ["modify", "--local", "team", "endpointurl", stack.s3_endpoint_url],
-        ["modify", "--local", "team", "access_key_id", stack.aws_access_key_id],
-        ["modify", "--local", "team", "secret_access_key", stack.aws_secret_access_key],
-        # Each request is tried 25 times (botocore 5, s3fs 5 of those): with botocore's 60 s read timeout a store
-        # that stopped answering would hold `dvc push` about 25 minutes (20 s: 545 s measured; docs/failures.md).
-        ["modify", "--local", "team", "connect_timeout", str(S3_CONNECT_SECONDS)],
-        ["modify", "--local", "team", "read_timeout", str(S3_READ_SECONDS)],
-    ):
-        done = subprocess.run([*dvc, *args], cwd=repo, capture_output=True, text=True)
-        if done.returncode:
-            raise StackError(f"dvc remote {args[0]}: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(repo)) as dvc_repo, dvc_repo.config.edit("local") as config:
+            config["core"]["remote"] = "team"
+            config["remote"]["team"] = {
+                "url": f"s3://{stack.dvc_bucket}",
+                "endpointurl": stack.s3_endpoint_url,
+                "access_key_id": stack.aws_access_key_id,
+                "secret_access_key": stack.aws_secret_access_key,
+                # Each request is tried 25 times (botocore 5, s3fs 5 of those): with botocore's 60 s read timeout a
+                # store that stopped answering would hold `dvc push` about 25 minutes (20 s: 545 s measured;
+                # docs/failures.md).
+                "connect_timeout": S3_CONNECT_SECONDS,
+                "read_timeout": S3_READ_SECONDS,
+            }
+    except DvcException as e:
+        raise StackError(f"DVC remote `team` in {repo}: {e}") from None
     where = f"s3://{stack.dvc_bucket} at {stack.s3_endpoint_url}"
     return f"DVC remote `team` ({where}): this clone's default, in {repo / '.dvc' / 'config.local'}"
 
