@@ -140,15 +140,6 @@ def _pg_bin(name: str) -> str:
     return _find(name, *dirs, missing=f"PostgreSQL's {name} not found: install PostgreSQL ({install}) or {where}")
 
 
-def _preflight(services: Iterable[str]) -> None:
-    """Fail at once, in one line, on anything missing (not after a start-up timeout)."""
-    for service in services:
-        if service == "postgres":
-            _pg_bin("initdb"), _pg_bin("postgres"), _as_unprivileged()
-        if service == "s3":
-            _find("rclone", Path(sys.executable).parent)
-
-
 def _as_unprivileged() -> list[str]:
     """The command prefix that runs PostgreSQL, which refuses to run as root, as another user in a user namespace:
     inside it owns the (root's) files, outside it is still root."""
@@ -281,9 +272,8 @@ def _use_as_dvc_remote(stack: Stack, repo: Path = REPO) -> str:
                 "endpointurl": stack.s3_endpoint_url,
                 "access_key_id": stack.aws_access_key_id,
                 "secret_access_key": stack.aws_secret_access_key,
-                # Each request is tried 25 times (botocore 5, s3fs 5 of those): with botocore's 60 s read timeout a
-                # store that stopped answering would hold `dvc push` about 25 minutes (20 s: 545 s measured;
-                # docs/failures.md).
+                # Each request is tried 25 times (botocore 5, s3fs 5): with botocore's 60 s read timeout, a store
+                # that stopped answering would hold `dvc push` 25 minutes (20 s: 545 s measured; docs/failures.md).
                 "connect_timeout": S3_CONNECT_SECONDS,
                 "read_timeout": S3_READ_SECONDS,
             }
@@ -306,7 +296,11 @@ def start(
     stack = Stack(folder=folder, ports=dict(state["ports"]))
     wanted = SERVICES if "mlflow" in services else services
     to_start = [s for s in SERVICES if s in wanted and not _running(state, s)]
-    _preflight(to_start)
+    # Fail at once, in one line, on anything missing (not after a start-up timeout).
+    if "postgres" in to_start:
+        _pg_bin("initdb"), _pg_bin("postgres"), _as_unprivileged()
+    if "s3" in to_start:
+        _find("rclone", Path(sys.executable).parent)
     for service in to_start:
         if not _port_free(port := stack.ports[service]):
             raise StackError(f"{service}: port {HOST}:{port} is already in use (by another program or stack)")
