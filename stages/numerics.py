@@ -3,8 +3,6 @@ compared with data/baseline/machine.json: training's (one short seeded epoch on 
 (evaluate on the same images). The same training bits: `make repro` trains the committed model byte for byte;
 the same evaluation bits: it evaluates it into the committed metrics. Different: close metrics (docs/determinism.md)."""
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import dataclasses

@@ -1,8 +1,6 @@
 """promote: register an experiment's model in the MLflow model registry and move the alias `champion` to it;
 not a stage. Which candidate, its tags and when it is refused: docs/serving.md."""
 
-from __future__ import annotations
-
 import argparse
 from typing import TYPE_CHECKING
 
@@ -30,7 +28,7 @@ def best_by_validation_accuracy(experiments: list[Experiment]) -> Experiment:
     return max(rows, key=lambda e: (e.metrics["val_accuracy"], e.rev != "workspace"))
 
 
-def candidate(experiments: list[Experiment], experiment_id: str, wanted: str | None) -> tuple[Experiment, Run]:
+def candidate(experiments: list[Experiment], experiment_id: str, wanted: str | None) -> tuple[Experiment, "Run"]:
     """The experiment to promote and the run that trained its model: `wanted` is a name from `dvc exp show`,
     a run id, or None for the best by validation accuracy."""
     import mlflow
@@ -60,7 +58,7 @@ def candidate(experiments: list[Experiment], experiment_id: str, wanted: str | N
     return chosen, run
 
 
-def version_tags(experiment: Experiment, run: Run) -> dict[str, str]:
+def version_tags(experiment: Experiment, run: "Run") -> dict[str, str]:
     """What the model version records: where the model came from, on what data, how good it is."""
     tags = {
         "dvc.experiment": experiment.name,
@@ -75,20 +73,19 @@ def version_tags(experiment: Experiment, run: Run) -> dict[str, str]:
     return {key: str(value) for key, value in tags.items() if value is not None}
 
 
-def champion(client: MlflowClient, name: str) -> ModelVersion | None:
+def champion(client: "MlflowClient", name: str) -> "ModelVersion | None":
     """The version the alias points to; None if there is no such registered model or no alias yet."""
     import mlflow
 
     try:
-        version = client.get_registered_model(name).aliases.get(ALIAS)
+        return client.get_model_version_by_alias(name, ALIAS)
     except mlflow.exceptions.MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no such model; no alias
             return None
         raise StageError(f"MLflow model registry {tracking.tracking_uri()}: {first_line(exc)}") from exc
-    return client.get_model_version(name, version) if version is not None else None
 
 
-def register(client: MlflowClient, name: str, run: Run, tags: dict[str, str]) -> ModelVersion:
+def register(client: "MlflowClient", name: str, run: "Run", tags: dict[str, str]) -> "ModelVersion":
     """A new version of `name` (created if new) from the model the run logged, tagged."""
     import mlflow
 
