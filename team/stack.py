@@ -345,13 +345,6 @@ def status(folder: Path | str = DEFAULT_DIR) -> dict[str, int | None]:
     return {service: proc.pid if (proc := _running(state, service)) else None for service in SERVICES}
 
 
-def stack_of(folder: Path | str = DEFAULT_DIR) -> Stack:
-    state = _read_state(Path(folder).resolve())
-    if not state["ports"]:
-        raise StackError(f"no stack in {folder}: run `start` first")
-    return Stack(folder=Path(folder).resolve(), ports=state["ports"])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["start", "stop", "status", "env"])
@@ -361,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--free-ports", action="store_true", help="on the first start, pick free ports")
     args = parser.parse_args(argv)
-    services = args.services or SERVICES
+    services, folder = args.services or SERVICES, args.dir.resolve()
     if unknown := sorted(set(services) - set(SERVICES)):
         parser.error(f"unknown service {unknown[0]!r}: choose from {', '.join(SERVICES)}")
     try:
@@ -374,14 +367,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "stop":
             print("stopped: " + (", ".join(stop(args.dir, services)) or "nothing was running"))
         elif args.command == "status":  # a report: stopped or never started is no error (exit 0)
-            ports, pids = _read_state(args.dir.resolve())["ports"], status(args.dir)
+            ports, pids = _read_state(folder)["ports"], status(folder)
             if not ports:
                 print(f"no stack in {args.dir}: never started (make team-start)")
             for service, port in ports.items():
                 running = f"running (pid {pids[service]})" if pids[service] else "stopped"
                 print(f"{service:8} {running:22} {HOST}:{port}")
         else:
-            print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in stack_of(args.dir).client_env().items()))
+            if not (ports := _read_state(folder)["ports"]):
+                raise StackError(f"no stack in {args.dir}: run `start` first")
+            print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in Stack(folder, ports).client_env().items()))
     except StackError as e:
         print(f"stack: error: {e}", file=sys.stderr)
         return 1
