@@ -38,7 +38,6 @@ SERVICES = ("postgres", "s3", "mlflow")  # start order; stop goes the other way
 DEFAULT_PORTS = {"postgres": 15432, "s3": 19000, "mlflow": 15000}
 HOST = "127.0.0.1"
 DEBIAN_PG = Path("/usr/lib/postgresql")  # Debian's and Ubuntu's PostgreSQL: <version>/bin/{initdb,postgres}
-S3_CONNECT_SECONDS, S3_READ_SECONDS = 5, 10  # the DVC remote's timeouts per request (see _use_as_dvc_remote)
 START_TIMEOUT = {"postgres": 30, "s3": 15, "mlflow": 300}  # mlflow's first start migrates its databases
 
 
@@ -274,8 +273,8 @@ def _use_as_dvc_remote(stack: Stack, repo: Path = REPO) -> str:
                 "secret_access_key": stack.aws_secret_access_key,
                 # Each request is tried 25 times (botocore 5, s3fs 5): with botocore's 60 s read timeout, a store
                 # that stopped answering would hold `dvc push` 25 minutes (20 s: 545 s measured; docs/failures.md).
-                "connect_timeout": S3_CONNECT_SECONDS,
-                "read_timeout": S3_READ_SECONDS,
+                "connect_timeout": 5,
+                "read_timeout": 10,
             }
     except DvcException as e:
         raise StackError(f"DVC remote `team` in {repo}: {e}") from None
