@@ -71,9 +71,9 @@ class Stack:
         secret = f":{self.pg_password}" if password else ""
         return f"postgresql://{self.pg_user}{secret}@{HOST}:{self.ports['postgres']}/{database}"
 
-    def client_env(self) -> dict[str, str]:
-        """What a client (DVC, MLflow, boto3) needs: the `env` command prints these."""
-        return {
+    def exports(self) -> str:
+        """What a client (DVC, MLflow, boto3) needs, as shell lines: `start` and `env` print them."""
+        env = {
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "MLFLOW_TRACKING_USERNAME": self.mlflow_username,
             "MLFLOW_TRACKING_PASSWORD": self.mlflow_password,
@@ -83,6 +83,7 @@ class Stack:
             "AWS_ENDPOINT_URL_S3": self.s3_endpoint_url,  # boto3 and DVC's s3fs read it
             "AWS_EC2_METADATA_DISABLED": "true",  # never ask 169.254.169.254 for credentials
         }
+        return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
 
 
 def _read_state(folder: Path) -> dict:
@@ -115,13 +116,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no obstacle
-        with contextlib.suppress(OSError):
-            s.bind((HOST, port))
-            return True
-    return False
+def _listened_on(port: int) -> bool:
+    return any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.net_connections("tcp"))
 
 
 def _find(name: str, *dirs: Path, missing: str = "") -> str:
@@ -301,7 +297,7 @@ def start(
     if "s3" in to_start:
         _find("rclone", Path(sys.executable).parent)
     for service in to_start:
-        if not _port_free(port := stack.ports[service]):
+        if _listened_on(port := stack.ports[service]):
             raise StackError(f"{service}: port {HOST}:{port} is already in use (by another program or stack)")
     for service in to_start:
         began = time.monotonic()
@@ -353,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--free-ports", action="store_true", help="on the first start, pick free ports")
     args = parser.parse_args(argv)
-    services, folder = args.services or SERVICES, args.dir.resolve()
+    services = args.services or SERVICES
     if unknown := sorted(set(services) - set(SERVICES)):
         parser.error(f"unknown service {unknown[0]!r}: choose from {', '.join(SERVICES)}")
     try:
@@ -361,21 +357,21 @@ def main(argv: list[str] | None = None) -> int:
             began = time.monotonic()
             stack = start(args.dir, services, free_ports=args.free_ports, quiet=False)
             print(f"stack ready in {time.monotonic() - began:.1f} s; data in {stack.folder}. For clients:")
-            print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in stack.client_env().items()))
+            print(stack.exports())
             print(_use_as_dvc_remote(stack))
         elif args.command == "stop":
             print("stopped: " + (", ".join(stop(args.dir, services)) or "nothing was running"))
         elif args.command == "status":  # a report: stopped or never started is no error (exit 0)
-            ports, pids = _read_state(folder)["ports"], status(folder)
+            ports, pids = _read_state(args.dir)["ports"], status(args.dir)
             if not ports:
                 print(f"no stack in {args.dir}: never started (make team-start)")
             for service, port in ports.items():
                 running = f"running (pid {pids[service]})" if pids[service] else "stopped"
                 print(f"{service:8} {running:22} {HOST}:{port}")
         else:
-            if not (ports := _read_state(folder)["ports"]):
+            if not (ports := _read_state(args.dir)["ports"]):
                 raise StackError(f"no stack in {args.dir}: run `start` first")
-            print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in Stack(folder, ports).client_env().items()))
+            print(Stack(args.dir.resolve(), ports).exports())
     except StackError as e:
         print(f"stack: error: {e}", file=sys.stderr)
         return 1
