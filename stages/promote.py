@@ -135,12 +135,8 @@ def main(name: str | None, force: bool, experiment: str | None) -> None:
 def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="the registered model's name (default: registered_model in params.yaml)")
     parser.add_argument("--force", action="store_true", help="promote even if it tests worse than the champion")
-    parser.add_argument(
-        "experiment",
-        nargs="?",
-        metavar="EXPERIMENT_OR_RUN_ID",
-        help="a name from `dvc exp show` or an MLflow run id (default: the best val_accuracy)",
-    )
+    which = "a name from `dvc exp show` or an MLflow run id (default: the best val_accuracy)"
+    parser.add_argument("experiment", nargs="?", metavar="EXPERIMENT_OR_RUN_ID", help=which)
 
 
 if __name__ == "__main__":
