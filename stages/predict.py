@@ -1,8 +1,6 @@
 """predict: the digit in each image file (any format, size and polarity) by a .keras file or an MLflow model URI
 (models:/mnist-dnn@champion, runs:/<run id>/model); not a stage. Output and "doubtful": README, docs/serving.md."""
 
-from __future__ import annotations
-
 import argparse
 import os
 import sys

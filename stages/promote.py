@@ -1,21 +1,18 @@
 """promote: register an experiment's model in the MLflow model registry and move the alias `champion` to it;
 not a stage. Which candidate, its tags and when it is refused: docs/serving.md."""
 
-from __future__ import annotations
-
 import argparse
-from typing import TYPE_CHECKING
+
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 
 from stages.common.cli import log, run_stage
 from stages.common.errors import StageError, first_line
 from stages.common.params import load_params
 from stages.lib import tracking
 from stages.lib.experiments import Experiment, list_experiments
-
-if TYPE_CHECKING:
-    from mlflow import MlflowClient
-    from mlflow.entities import Run
-    from mlflow.entities.model_registry import ModelVersion
 
 ALIAS = "champion"
 LOGGED_MODEL_NAME = "model"  # train's mlflow.pyfunc.log_model(name=...)
@@ -33,13 +30,11 @@ def best_by_validation_accuracy(experiments: list[Experiment]) -> Experiment:
 def candidate(experiments: list[Experiment], experiment_id: str, wanted: str | None) -> tuple[Experiment, Run]:
     """The experiment to promote and the run that trained its model: `wanted` is a name from `dvc exp show`,
     a run id, or None for the best by validation accuracy."""
-    import mlflow
-
     named = [e for e in experiments if e.name == wanted]
     if wanted is not None and not named:  # a run id, and the row with its model (a committed one first)
         try:
-            run = mlflow.MlflowClient().get_run(wanted)
-        except mlflow.exceptions.MlflowException as exc:
+            run = MlflowClient().get_run(wanted)
+        except MlflowException as exc:
             raise StageError(
                 f"no such experiment or MLflow run: {wanted} (see `dvc exp show` and `python -m stages.runs`)"
             ) from exc
@@ -77,21 +72,16 @@ def version_tags(experiment: Experiment, run: Run) -> dict[str, str]:
 
 def champion(client: MlflowClient, name: str) -> ModelVersion | None:
     """The version the alias points to; None if there is no such registered model or no alias yet."""
-    import mlflow
-
     try:
-        version = client.get_registered_model(name).aliases.get(ALIAS)
-    except mlflow.exceptions.MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no such model; no alias
             return None
         raise StageError(f"MLflow model registry {tracking.tracking_uri()}: {first_line(exc)}") from exc
-    return client.get_model_version(name, version) if version is not None else None
 
 
 def register(client: MlflowClient, name: str, run: Run, tags: dict[str, str]) -> ModelVersion:
     """A new version of `name` (created if new) from the model the run logged, tagged."""
-    import mlflow
-
     logged = client.search_logged_models(
         [run.info.experiment_id],
         filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{LOGGED_MODEL_NAME}'",
@@ -100,7 +90,7 @@ def register(client: MlflowClient, name: str, run: Run, tags: dict[str, str]) ->
         raise StageError(f"MLflow run {run.info.run_id} has no logged model '{LOGGED_MODEL_NAME}'")
     try:
         client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException as exc:
+    except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise StageError(f"MLflow model registry {tracking.tracking_uri()}: {first_line(exc)}") from exc
     model = logged[0]
@@ -112,8 +102,6 @@ def register(client: MlflowClient, name: str, run: Run, tags: dict[str, str]) ->
 def promote(experiments: list[Experiment], experiment_id: str, wanted: str | None, name: str, force: bool) -> str:
     """Register the candidate and move the alias to it, unless it is the champion already or, without
     `force`, tests worse than it; the line that says what happened."""
-    import mlflow
-
     experiment, run = candidate(experiments, experiment_id, wanted)
     tags = version_tags(experiment, run)
     if "test_accuracy" not in tags or "val_accuracy" not in tags:
@@ -123,7 +111,7 @@ def promote(experiments: list[Experiment], experiment_id: str, wanted: str | Non
         f"experiment {experiment.name}, run {run.info.run_id}, "
         f"val_accuracy {float(tags['val_accuracy']):.4f}, test_accuracy {accuracy:.4f}"
     )
-    client = mlflow.MlflowClient()
+    client = MlflowClient()
     current = champion(client, name)
     if current is not None and current.tags.get(tracking.MODEL_TAG) == experiment.model_md5:
         return f"{name} version {current.version} ({ALIAS}) is already this model ({what}); nothing to do"
@@ -147,12 +135,8 @@ def main(name: str | None, force: bool, experiment: str | None) -> None:
 def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="the registered model's name (default: registered_model in params.yaml)")
     parser.add_argument("--force", action="store_true", help="promote even if it tests worse than the champion")
-    parser.add_argument(
-        "experiment",
-        nargs="?",
-        metavar="EXPERIMENT_OR_RUN_ID",
-        help="a name from `dvc exp show` or an MLflow run id (default: the best val_accuracy)",
-    )
+    which = "a name from `dvc exp show` or an MLflow run id (default: the best val_accuracy)"
+    parser.add_argument("experiment", nargs="?", metavar="EXPERIMENT_OR_RUN_ID", help=which)
 
 
 if __name__ == "__main__":

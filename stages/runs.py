@@ -1,8 +1,6 @@
 """runs: the MLflow run that trained the model of the workspace and of each DVC experiment, found by the model
 file's MD5 (tag model.md5), and the MLflow UI's link to their curves; not a stage."""
 
-from __future__ import annotations
-
 import urllib.parse
 
 from stages.common.cli import run_stage

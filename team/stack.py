@@ -8,7 +8,7 @@
   the server (--serve-artifacts): clients need no S3 keys.
 
 Everything lives in one folder, one per machine for all its clones (TEAM_STACK_DIR, default ~/.mnist-team-stack):
-stack.json (ports, pids), postgres/, s3/, mlflow/auth.ini and logs/. Credentials are fixed: see CREDENTIALS.
+stack.json (ports, pids), postgres/, s3/, mlflow/auth.ini and logs/. Credentials are fixed: see Stack.
 `start` also makes the S3 store the clone's default DVC remote, `team`, in .dvc/config.local.
 From Python (pytest fixtures): stack = start(folder, free_ports=True); …; stop(folder)
 """
@@ -16,7 +16,6 @@ From Python (pytest fixtures): stack = start(folder, free_ports=True); …; stop
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import pwd
@@ -27,36 +26,19 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from base64 import b64encode
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import psutil
+import requests
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = Path(os.environ.get("TEAM_STACK_DIR") or Path.home() / ".mnist-team-stack")
 SERVICES = ("postgres", "s3", "mlflow")  # start order; stop goes the other way
 DEFAULT_PORTS = {"postgres": 15432, "s3": 19000, "mlflow": 15000}
 HOST = "127.0.0.1"
-# Fixed on purpose: the stack only listens on 127.0.0.1. MLflow wants >= 12 characters.
-CREDENTIALS = {
-    "pg_user": "mlflow",
-    "pg_password": "team-stack-postgres",
-    "s3_access_key": "team-stack",
-    "s3_secret_key": "team-stack-s3-secret",
-    "mlflow_user": "admin",
-    "mlflow_password": "team-stack-admin",
-    "flask_secret": "team-stack-flask-secret",
-}
 DEBIAN_PG = Path("/usr/lib/postgresql")  # Debian's and Ubuntu's PostgreSQL: <version>/bin/{initdb,postgres}
-S3_CONNECT_SECONDS, S3_READ_SECONDS = 5, 10  # the DVC remote's timeouts per request (see _use_as_dvc_remote)
 START_TIMEOUT = {"postgres": 30, "s3": 15, "mlflow": 300}  # mlflow's first start migrates its databases
-MODULES = {  # service: {Python module it needs: the package that installs it}
-    "postgres": {"psycopg": "psycopg[binary]"},
-    "mlflow": {"mlflow": "mlflow", "flask_wtf": "mlflow[auth]", "boto3": "boto3"},
-}
 
 
 class StackError(Exception):
@@ -67,10 +49,14 @@ class StackError(Exception):
 class Stack:
     folder: Path
     ports: dict[str, int]
-    aws_access_key_id: str = CREDENTIALS["s3_access_key"]
-    aws_secret_access_key: str = CREDENTIALS["s3_secret_key"]
-    mlflow_username: str = CREDENTIALS["mlflow_user"]
-    mlflow_password: str = CREDENTIALS["mlflow_password"]
+    # Fixed on purpose: the stack only listens on 127.0.0.1. MLflow wants >= 12 characters.
+    aws_access_key_id: str = "team-stack"
+    aws_secret_access_key: str = "team-stack-s3-secret"
+    mlflow_username: str = "admin"
+    mlflow_password: str = "team-stack-admin"
+    pg_user: str = "mlflow"
+    pg_password: str = "team-stack-postgres"
+    flask_secret: str = "team-stack-flask-secret"
     dvc_bucket: str = "dvc"
 
     @property
@@ -82,12 +68,12 @@ class Stack:
         return f"http://{HOST}:{self.ports['s3']}"
 
     def database_uri(self, database: str = "mlflow", password: bool = True) -> str:
-        secret = f":{CREDENTIALS['pg_password']}" if password else ""
-        return f"postgresql://{CREDENTIALS['pg_user']}{secret}@{HOST}:{self.ports['postgres']}/{database}"
+        secret = f":{self.pg_password}" if password else ""
+        return f"postgresql://{self.pg_user}{secret}@{HOST}:{self.ports['postgres']}/{database}"
 
-    def client_env(self) -> dict[str, str]:
-        """What a client (DVC, MLflow, boto3) needs: the `env` command prints these."""
-        return {
+    def exports(self) -> str:
+        """What a client (DVC, MLflow, boto3) needs, as shell lines: `start` and `env` print them."""
+        env = {
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "MLFLOW_TRACKING_USERNAME": self.mlflow_username,
             "MLFLOW_TRACKING_PASSWORD": self.mlflow_password,
@@ -97,6 +83,7 @@ class Stack:
             "AWS_ENDPOINT_URL_S3": self.s3_endpoint_url,  # boto3 and DVC's s3fs read it
             "AWS_EC2_METADATA_DISABLED": "true",  # never ask 169.254.169.254 for credentials
         }
+        return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
 
 
 def _read_state(folder: Path) -> dict:
@@ -129,13 +116,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no obstacle
-        with contextlib.suppress(OSError):
-            s.bind((HOST, port))
-            return True
-    return False
+def _listened_on(port: int) -> bool:
+    return any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.net_connections("tcp"))
 
 
 def _find(name: str, *dirs: Path, missing: str = "") -> str:
@@ -153,18 +135,6 @@ def _pg_bin(name: str) -> str:
     return _find(name, *dirs, missing=f"PostgreSQL's {name} not found: install PostgreSQL ({install}) or {where}")
 
 
-def _preflight(services: Iterable[str]) -> None:
-    """Fail at once, in one line, on anything missing (not after a start-up timeout)."""
-    for service in services:
-        for module, pip in MODULES.get(service, {}).items():
-            if not importlib.util.find_spec(module):
-                raise StackError(f"{service}: Python module {module} missing in {sys.executable}: pip install '{pip}'")
-        if service == "postgres":
-            _pg_bin("initdb"), _pg_bin("postgres"), _as_unprivileged()
-        if service == "s3":
-            _find("rclone", Path(sys.executable).parent)
-
-
 def _as_unprivileged() -> list[str]:
     """The command prefix that runs PostgreSQL, which refuses to run as root, as another user in a user namespace:
     inside it owns the (root's) files, outside it is still root."""
@@ -175,23 +145,24 @@ def _as_unprivileged() -> list[str]:
     return [_find("unshare"), "--user", f"--map-user={user.pw_uid}", f"--map-group={user.pw_gid}"]
 
 
-def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def _serve(
+    stack: Stack, service: str, cmd: list[str], ready: Callable[[], bool], env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """Start `cmd` in its own session, its output appended to logs/<service>.log, and return once ready() is true;
+    if the process dies or the time runs out, kill it and raise."""
+    log = stack.folder / "logs" / f"{service}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
         out.flush()
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-
-
-def _wait_until(service: str, proc: subprocess.Popen, log: Path, ready: Callable[[], bool]) -> None:
-    """Return once ready() is true; if the process dies or the time runs out, kill it and raise."""
     deadline = time.monotonic() + START_TIMEOUT[service]
     while proc.poll() is None and time.monotonic() < deadline:
         with contextlib.suppress(Exception):
             if ready():
-                return
+                return proc
         time.sleep(0.1)
     if proc.poll() is not None:
         last = (log.read_text(errors="replace").strip().splitlines() or ["(empty log)"])[-1].strip()
@@ -201,32 +172,22 @@ def _wait_until(service: str, proc: subprocess.Popen, log: Path, ready: Callable
     raise StackError(f"{service} did not answer within {START_TIMEOUT[service]} s (see {log})")
 
 
-def _http_status(url: str, auth: tuple[str, str] | None = None, timeout: float = 2) -> int:
-    headers = {"Authorization": "Basic " + b64encode(":".join(auth).encode()).decode()} if auth else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
-            return response.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
 def _start_postgres(stack: Stack) -> subprocess.Popen:
-    data, log = stack.folder / "postgres", stack.folder / "logs" / "postgres.log"
+    data = stack.folder / "postgres"
     prefix = _as_unprivileged()
     if not (data / "PG_VERSION").exists():
         shutil.rmtree(data, ignore_errors=True)
         data.mkdir(mode=0o700)
         try:  # the password by stdin, not argv (ps shows argv)
             subprocess.run(
-                [*prefix, _pg_bin("initdb"), "-D", str(data), "-U", CREDENTIALS["pg_user"], "--pwfile=/dev/stdin",
+                [*prefix, _pg_bin("initdb"), "-D", str(data), "-U", stack.pg_user, "--pwfile=/dev/stdin",
                  "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
-                input=CREDENTIALS["pg_password"] + "\n", check=True, capture_output=True, text=True,
+                input=stack.pg_password + "\n", check=True, capture_output=True, text=True,
             )  # fmt: skip
         except subprocess.CalledProcessError as e:
             raise StackError(f"initdb failed: {(e.stderr or e.stdout).strip().splitlines()[-1]}") from None
     cmd = [*prefix, _pg_bin("postgres"), "-D", str(data), "-p", str(stack.ports["postgres"]),
            "-c", f"listen_addresses={HOST}", "-c", "unix_socket_directories="]  # fmt: skip
-    proc = _spawn(cmd, log)
 
     def ready() -> bool:
         import psycopg  # psycopg 3: SQLAlchemy 2.1's driver for postgresql:// URIs
@@ -237,27 +198,24 @@ def _start_postgres(stack: Stack) -> subprocess.Popen:
                     conn.execute(f'CREATE DATABASE "{db}"')
         return True
 
-    _wait_until("postgres", proc, log, ready)
-    return proc
+    return _serve(stack, "postgres", cmd, ready)
 
 
 def _start_s3(stack: Stack) -> subprocess.Popen:
-    root, log = stack.folder / "s3", stack.folder / "logs" / "s3.log"
+    root = stack.folder / "s3"
     for bucket in (stack.dvc_bucket, "mlflow"):
         (root / bucket).mkdir(parents=True, exist_ok=True)
     rclone = _find("rclone", Path(sys.executable).parent)
     cmd = [rclone, "serve", "s3", str(root), "--addr", f"{HOST}:{stack.ports['s3']}", "--config", "",
            "--cache-dir", str(stack.folder / "s3-cache")]  # fmt: skip
     # The key pair goes by environment, not argv (ps shows argv).
-    proc = _spawn(
-        cmd, log, {**os.environ, "RCLONE_AUTH_KEY": f'"{stack.aws_access_key_id},{stack.aws_secret_access_key}"'}
-    )
-    _wait_until("s3", proc, log, lambda: _http_status(stack.s3_endpoint_url + "/") == 400)  # 400: unsigned
-    return proc
+    env = {**os.environ, "RCLONE_AUTH_KEY": f'"{stack.aws_access_key_id},{stack.aws_secret_access_key}"'}
+    url = stack.s3_endpoint_url + "/"
+    return _serve(stack, "s3", cmd, lambda: requests.get(url, timeout=2).status_code == 400, env)  # 400: unsigned
 
 
 def _start_mlflow(stack: Stack) -> subprocess.Popen:
-    log, auth_ini = stack.folder / "logs" / "mlflow.log", stack.folder / "mlflow" / "auth.ini"
+    auth_ini = stack.folder / "mlflow" / "auth.ini"
     auth_ini.parent.mkdir(exist_ok=True)
     auth_ini.write_text(
         "[mlflow]\n"
@@ -273,9 +231,9 @@ def _start_mlflow(stack: Stack) -> subprocess.Popen:
     client = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_PROFILE")
     env = {
         **{k: v for k, v in os.environ.items() if k not in client},
-        "PGPASSWORD": CREDENTIALS["pg_password"],  # libpq reads it: no password in argv or auth.ini
+        "PGPASSWORD": stack.pg_password,  # libpq reads it: no password in argv or auth.ini
         "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": CREDENTIALS["flask_secret"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": stack.flask_secret,
         "AWS_ACCESS_KEY_ID": stack.aws_access_key_id,
         "AWS_SECRET_ACCESS_KEY": stack.aws_secret_access_key,
         "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint_url,
@@ -290,30 +248,32 @@ def _start_mlflow(stack: Stack) -> subprocess.Popen:
            "--host", HOST, "--port", str(stack.ports["mlflow"]), "--workers", "1",
            "--backend-store-uri", stack.database_uri("mlflow", password=False),
            "--artifacts-destination", "s3://mlflow", "--serve-artifacts"]  # fmt: skip
-    proc = _spawn(cmd, log, env)
-    auth = (stack.mlflow_username, stack.mlflow_password)
     url = f"{stack.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    auth = (stack.mlflow_username, stack.mlflow_password)
     # The first request opens the tracking store (on a new database: creates its tables), slowly.
-    _wait_until("mlflow", proc, log, lambda: _http_status(url, auth, timeout=60) == 200)
-    return proc
+    return _serve(stack, "mlflow", cmd, lambda: requests.get(url, auth=auth, timeout=60).status_code == 200, env)
 
 
 def _use_as_dvc_remote(stack: Stack, repo: Path = REPO) -> str:
     """Make the stack's S3 store `repo`'s default DVC remote `team`, in .dvc/config.local (ignored by git)."""
-    dvc = [_find("dvc", Path(sys.executable).parent), "remote"]
-    for args in (
-        ["add", "--local", "--force", "--default", "team", f"s3://{stack.dvc_bucket}"],
-        ["modify", "--local", "team", "endpointurl", stack.s3_endpoint_url],
-        ["modify", "--local", "team", "access_key_id", stack.aws_access_key_id],
-        ["modify", "--local", "team", "secret_access_key", stack.aws_secret_access_key],
-        # Each request is tried 25 times (botocore 5, s3fs 5 of those): with botocore's 60 s read timeout a store
-        # that stopped answering would hold `dvc push` about 25 minutes (20 s: 545 s measured; docs/failures.md).
-        ["modify", "--local", "team", "connect_timeout", str(S3_CONNECT_SECONDS)],
-        ["modify", "--local", "team", "read_timeout", str(S3_READ_SECONDS)],
-    ):
-        done = subprocess.run([*dvc, *args], cwd=repo, capture_output=True, text=True)
-        if done.returncode:
-            raise StackError(f"dvc remote {args[0]}: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(repo)) as dvc_repo, dvc_repo.config.edit("local") as config:
+            config["core"]["remote"] = "team"
+            config["remote"]["team"] = {
+                "url": f"s3://{stack.dvc_bucket}",
+                "endpointurl": stack.s3_endpoint_url,
+                "access_key_id": stack.aws_access_key_id,
+                "secret_access_key": stack.aws_secret_access_key,
+                # Each request is tried 25 times (botocore 5, s3fs 5): with botocore's 60 s read timeout, a store
+                # that stopped answering would hold `dvc push` 25 minutes (20 s: 545 s measured; docs/failures.md).
+                "connect_timeout": 5,
+                "read_timeout": 10,
+            }
+    except DvcException as e:
+        raise StackError(f"DVC remote `team` in {repo}: {e}") from None
     where = f"s3://{stack.dvc_bucket} at {stack.s3_endpoint_url}"
     return f"DVC remote `team` ({where}): this clone's default, in {repo / '.dvc' / 'config.local'}"
 
@@ -331,9 +291,13 @@ def start(
     stack = Stack(folder=folder, ports=dict(state["ports"]))
     wanted = SERVICES if "mlflow" in services else services
     to_start = [s for s in SERVICES if s in wanted and not _running(state, s)]
-    _preflight(to_start)
+    # Fail at once, in one line, on anything missing (not after a start-up timeout).
+    if "postgres" in to_start:
+        _pg_bin("initdb"), _pg_bin("postgres"), _as_unprivileged()
+    if "s3" in to_start:
+        _find("rclone", Path(sys.executable).parent)
     for service in to_start:
-        if not _port_free(port := stack.ports[service]):
+        if _listened_on(port := stack.ports[service]):
             raise StackError(f"{service}: port {HOST}:{port} is already in use (by another program or stack)")
     for service in to_start:
         began = time.monotonic()
@@ -358,12 +322,9 @@ def stop(folder: Path | str = DEFAULT_DIR, services: Iterable[str] = SERVICES, t
                 proc.send_signal(signal.SIGINT)
             else:
                 os.killpg(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while _running(state, service) and time.monotonic() < deadline:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(proc.pid, os.WNOHANG)  # reap it if it is our child (pytest fixtures)
-                time.sleep(0.05)
-            if _running(state, service):
+            try:
+                proc.wait(timeout)  # reaps it if it is our child (pytest fixtures)
+            except psutil.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
             stopped.append(service)
@@ -377,13 +338,6 @@ def status(folder: Path | str = DEFAULT_DIR) -> dict[str, int | None]:
     """{service: pid or None}."""
     state = _read_state(Path(folder).resolve())
     return {service: proc.pid if (proc := _running(state, service)) else None for service in SERVICES}
-
-
-def stack_of(folder: Path | str = DEFAULT_DIR) -> Stack:
-    state = _read_state(Path(folder).resolve())
-    if not state["ports"]:
-        raise StackError(f"no stack in {folder}: run `start` first")
-    return Stack(folder=Path(folder).resolve(), ports=state["ports"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,19 +357,21 @@ def main(argv: list[str] | None = None) -> int:
             began = time.monotonic()
             stack = start(args.dir, services, free_ports=args.free_ports, quiet=False)
             print(f"stack ready in {time.monotonic() - began:.1f} s; data in {stack.folder}. For clients:")
-            print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in stack.client_env().items()))
+            print(stack.exports())
             print(_use_as_dvc_remote(stack))
         elif args.command == "stop":
             print("stopped: " + (", ".join(stop(args.dir, services)) or "nothing was running"))
         elif args.command == "status":  # a report: stopped or never started is no error (exit 0)
-            ports, pids = _read_state(args.dir.resolve())["ports"], status(args.dir)
+            ports, pids = _read_state(args.dir)["ports"], status(args.dir)
             if not ports:
                 print(f"no stack in {args.dir}: never started (make team-start)")
             for service, port in ports.items():
                 running = f"running (pid {pids[service]})" if pids[service] else "stopped"
                 print(f"{service:8} {running:22} {HOST}:{port}")
         else:
-            print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in stack_of(args.dir).client_env().items()))
+            if not (ports := _read_state(args.dir)["ports"]):
+                raise StackError(f"no stack in {args.dir}: run `start` first")
+            print(Stack(args.dir.resolve(), ports).exports())
     except StackError as e:
         print(f"stack: error: {e}", file=sys.stderr)
         return 1

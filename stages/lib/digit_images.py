@@ -1,8 +1,6 @@
 """A person's own image of a handwritten digit -> a 28x28 MNIST digit, made the way MNIST was made: grayscale,
 bright on black, cropped to the digit, fitted into 20x20 (aspect ratio kept, anti-aliased), centred by mass."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import numpy as np
