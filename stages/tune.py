@@ -120,7 +120,9 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
         self.by_trial.pop(trial.number).after_trial(study, trial, state, values)
 
 
-def open_study(name: str, storage: optuna.storages.BaseStorage, space: Space, space_file: Path = SEARCH_FILE):
+def open_study(
+    name: str, storage: optuna.storages.BaseStorage, space: Space, space_file: Path = SEARCH_FILE
+) -> optuna.Study:
     """Create the study or load it (resume, or another machine's): maximise, median pruner, a grid sampler for a
     grid (each trial takes the point of its number, shuffled by the seed, so no point runs twice), else TPE.
     A study started with another search than `space` is refused, unchanged."""
@@ -328,9 +330,10 @@ def run_trials(
         metrics = runner.experiment_metrics(name)  # made: complete, even if a stop signal came after its end
         if metrics is not None:
             return float(metrics["val_accuracy"])
-        if reports.pruned():
-            trial.set_user_attr("pruned", reports.pruned())
-            raise optuna.TrialPruned(f"{name} {reports.pruned()}")
+        pruned = reports.pruned()
+        if pruned:
+            trial.set_user_attr("pruned", pruned)
+            raise optuna.TrialPruned(f"{name} {pruned}")
         failure = "interrupted" if runner.stopping.is_set() else f"`dvc exp run` exited {status}"
         trial.set_user_attr("failure", f"{failure}; see {log_path}")
         raise TrialFailed(f"{name}: {failure}")
@@ -472,22 +475,21 @@ def _space_tags(space: Space) -> dict[str, str]:
     return tags
 
 
-def summary(study: optuna.Study) -> list[str]:
-    """The lines printed at the end: trials by state, the best value, its params and how to promote it."""
+def log_summary(study: optuna.Study) -> None:
+    """The trials by state, the best value, its params and how to promote it."""
     count = trial_counts(study)
-    lines = [
+    log(
+        "tune",
         f"study {study.study_name}: {sum(count.values())} trials: {count['complete']} complete, "
-        f"{count['pruned']} pruned, {count['fail']} failed, {count['running']} running"
-    ]
+        f"{count['pruned']} pruned, {count['fail']} failed, {count['running']} running",
+    )
     best = best_trial(study)
     if best is None:
-        return [*lines, "no trial complete yet"]
+        log("tune", "no trial complete yet")
+        return
     name = best.user_attrs["experiment"]
-    return [
-        *lines,
-        f"best: trial {best.number}, val_accuracy {best.value:.4f}: {describe(best.params)}",
-        f"its experiment: {name}; promote it with: python -m stages.promote {name}",
-    ]
+    log("tune", f"best: trial {best.number}, val_accuracy {best.value:.4f}: {describe(best.params)}")
+    log("tune", f"its experiment: {name}; promote it with: python -m stages.promote {name}")
 
 
 def main(
@@ -511,10 +513,8 @@ def main(
     count = trial_counts(study)
     done, running = count["complete"] + count["pruned"], count["running"]
     also_running = f", {running} running" if running else ""
-    log(
-        "tune",
-        f"study {study_name}: {done} trials done of {space.trials}{also_running}; MLflow parent run {parent.run_id}",
-    )
+    standing = f"study {study_name}: {done} trials done of {space.trials}{also_running}"
+    log("tune", f"{standing}; MLflow parent run {parent.run_id}")
     runner = TrialRunner(tracking.repo_root(), parent.run_id)
     runner.stop_on_signals()
     left = None if space.trials is None else space.trials - done - running  # 0 or less: optimize runs none
@@ -522,8 +522,7 @@ def main(
     if study.get_trials(deepcopy=False):
         parent.update(study)  # other machines' trials too
     parent.end("KILLED" if runner.stopping.is_set() else "FINISHED")
-    for line in summary(study):
-        log("tune", line)
+    log_summary(study)
     if runner.stopping.is_set():
         log("tune", f"interrupted after {timer}; run the command again to resume")
         raise KeyboardInterrupt
