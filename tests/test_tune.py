@@ -515,3 +515,36 @@ def test_a_trial_is_a_dvc_experiment_whose_epochs_come_from_trains_line_and_valu
     assert (status, seen) == (0, [{"epoch": 1, "val_accuracy": 0.93}])
     assert runner.experiment_metrics("cnn-3") == {"val_accuracy": 0.93}
     assert runner.experiment_metrics("cnn-4") is None
+
+
+def test_the_studys_run_holds_the_search_the_best_so_far_by_trials_finished_and_its_model(stage_root):
+    from mlflow.entities import LoggedModelOutput
+
+    from stages.lib import tracking
+
+    study, searched = tiny_study(stage_root)
+    (stage_root / "search.yaml").write_text(yaml.safe_dump(space()))
+    experiment_id = tracking.open_experiment("mnist-dnn")
+    parent = tune.ParentRun(study, experiment_id, searched, stage_root / "search.yaml")
+    client, models = parent.client, {}
+    for n in range(3):  # each trial's run, as train makes it: a child of the study's run, with its model
+        tags = {"dvc.experiment": f"s-{n}", "mlflow.parentRunId": parent.run_id}
+        run = client.create_run(experiment_id, run_name=f"s-{n}", tags=tags)
+        models[n] = client.create_logged_model(experiment_id).model_id
+        client.log_outputs(run.info.run_id, [LoggedModelOutput(models[n], 0)])
+    steps = {"s-0": [0.9], "s-1": [0.95], "s-2": [0.93]}
+    tune.run_trials(study, FakeRunner(stage_root, steps), searched, BASE, 3, callbacks=(parent.update,))
+    parent.end("FINISHED")
+
+    run = client.get_run(parent.run_id)
+    best = [(m.step, m.value) for m in client.get_metric_history(parent.run_id, "best_val_accuracy")]
+    assert best == [(1, 0.9), (2, 0.95), (3, 0.95)]  # step: the trials finished
+    assert run.data.metrics["trials_complete"] == 3 and run.data.metrics["trials_pruned"] == 0
+    assert run.data.tags["best.experiment"] == "s-1" and run.data.tags["best.trial"] == "1"
+    assert run.data.tags["space.hidden_layer_size"] == "[16, 256] log" and run.data.tags["fixed.epochs"] == "3"
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(models[0], 1), (models[1], 2)]
+    for n in range(3):
+        (child,) = client.search_runs([experiment_id], f"tags.`dvc.experiment` = 's-{n}'")
+        assert (child.data.tags["tune.study"], child.data.tags["tune.trial"]) == ("s", str(n))
+    pictures = {"optimization_history.png", "param_importances.png", "intermediate_values.png"}
+    assert {a.path for a in client.list_artifacts(parent.run_id)} == pictures | {"search.yaml"}

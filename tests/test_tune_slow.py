@@ -71,8 +71,9 @@ def test_a_tiny_study_runs_each_trial_as_an_experiment_under_one_parent_run(repo
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_name = {child.info.run_name: child for child in children}
     assert sorted(by_name) == [f"tiny-{n}" for n in range(4)]
-    # The parent's outputs: each best-so-far trial's model, the last (highest step) the best's. Without a model
-    # output, MLflow's UI files the parent under "Evaluation runs".
+    # The parent's outputs: each best-so-far trial's model at the step of the trials finished, so the highest step
+    # is the best's (at two at once, trials end out of their numbers' order). Without a model output, MLflow's UI
+    # files the parent under "Evaluation runs".
     (best_model,) = by_name[f"tiny-{study.best_trial.number}"].outputs.model_outputs
     outputs = parent.outputs.model_outputs
     assert max(outputs, key=lambda output: output.step).model_id == best_model.model_id

@@ -1,8 +1,6 @@
 """DVC experiments as `dvc exp show --json` reports them: name, params, metrics, the model file's MD5
 by which tracking finds the MLflow runs that trained it, and the test data's MD5."""
 
-from __future__ import annotations
-
 import json
 import subprocess
 import sys
@@ -11,6 +9,9 @@ from typing import Any, NamedTuple
 
 from stages.common import paths
 from stages.common.errors import StageError, first_line
+
+SHOW_SECONDS = 120
+SHOW_ATTEMPTS = 2
 
 
 class Experiment(NamedTuple):
@@ -30,21 +31,17 @@ def _row(name: str, rev: str, data: dict[str, Any]) -> Experiment:
     return Experiment(name, rev, params, metrics, model.get("hash"), test_data.get("hash"))
 
 
-SHOW_SECONDS = 120
-SHOW_ATTEMPTS = 2
-
-
 def list_experiments(repo: Path = Path()) -> list[Experiment]:
     """The workspace, the baseline commit and every experiment of it, as `dvc exp show` lists them."""
     # DVC of this interpreter's environment: works whether or not the venv is activated.
     command = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
     # Seen once to hang (a futex, under load, beside running `dvc exp run --temp`): bounded, and tried again.
-    for attempt in range(SHOW_ATTEMPTS):
+    for attempt in range(1, SHOW_ATTEMPTS + 1):
         try:
             result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=SHOW_SECONDS)
             break
         except subprocess.TimeoutExpired:
-            if attempt == SHOW_ATTEMPTS - 1:
+            if attempt == SHOW_ATTEMPTS:
                 raise StageError(f"`dvc exp show --json` did not answer within {SHOW_SECONDS} s, twice") from None
     if result.returncode != 0:
         raise StageError(f"`dvc exp show --json` failed: {first_line(Exception(result.stderr))}")

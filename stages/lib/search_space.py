@@ -5,8 +5,6 @@ Every fixed value, every range bound and every choice goes through params.yaml's
 Ranges are intervals and so are the rules, so valid bounds mean every point between them is valid.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import math
 from pathlib import Path
@@ -55,29 +53,24 @@ def _fail(origin: str, message: str) -> StageError:
     return StageError(f"{origin}: {message}")
 
 
-def _mapping(value: Any, what: str, origin: str) -> dict:
+def _mapping(value: Any, what: str, origin: str, allowed: tuple[str, ...] = ()) -> dict:
+    """`value` as a mapping, {} if None; with `allowed`, its keys among them."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise _fail(origin, f"{what} must be a mapping, got {value!r}")
+    for key in value:
+        if allowed and key not in allowed:
+            raise _fail(origin, unknown_key(key, allowed, f"{what}."))
     return value
 
 
-def _section(raw: dict, name: str, allowed: tuple[str, ...], origin: str) -> dict:
-    """raw[name] as a mapping, {} if absent, its keys among `allowed`."""
-    section = _mapping(raw.get(name), name, origin)
-    for key in section:
-        if key not in allowed:
-            raise _fail(origin, unknown_key(key, allowed, f"{name}."))
-    return section
-
-
 def _check_value(base: Params, key: str, value: Any, origin: str, what: str) -> None:
-    """params.yaml's validation of `value` for `key`, its message prefixed with where it came from."""
+    """params.yaml's validation of `value` for `key`, its message followed by where in the file it is."""
     try:
         parse_params({**base.as_dict(), key: value}, origin)
     except StageError as exc:
-        raise StageError(f"{exc}{what}") from None
+        raise StageError(f"{exc} ({what})") from None
 
 
 def parse_space(raw: Any, base: Params, origin: str = str(SEARCH_FILE)) -> Space:
@@ -86,21 +79,18 @@ def parse_space(raw: Any, base: Params, origin: str = str(SEARCH_FILE)) -> Space
     for key in raw:
         if key not in _TOP_KEYS:
             raise _fail(origin, unknown_key(key, _TOP_KEYS))
-    metric = raw.get("metric", METRIC)
-    if metric != METRIC:
-        raise _fail(origin, f"metric must be {METRIC} (maximised; never a test metric), got {metric!r}")
+    if raw.get("metric", METRIC) != METRIC:
+        raise _fail(origin, f"metric must be {METRIC} (maximised; never a test metric), got {raw['metric']!r}")
     seed = raw.get("seed", 0)
     if not (is_int(seed) and 0 <= seed < 2**32):
         raise _fail(origin, f"seed must be an integer in [0, 4294967295], got {seed!r}")
-
-    budget = _section(raw, "budget", ("trials", "minutes"), origin)
+    budget = _mapping(raw.get("budget"), "budget", origin, ("trials", "minutes"))
     trials, minutes = budget.get("trials"), budget.get("minutes")
     if trials is not None and not (is_int(trials) and trials >= 1):
         raise _fail(origin, f"budget.trials must be an integer >= 1, got {trials!r}")
-    if minutes is not None and not (isinstance(minutes, int | float) and not isinstance(minutes, bool) and minutes > 0):
+    if minutes is not None and not ((is_int(minutes) or isinstance(minutes, float)) and minutes > 0):
         raise _fail(origin, f"budget.minutes must be a number > 0, got {minutes!r}")
-
-    pruner = _section(raw, "pruner", ("warmup_epochs", "startup_trials"), origin)
+    pruner = _mapping(raw.get("pruner"), "pruner", origin, ("warmup_epochs", "startup_trials"))
     warmup, startup = pruner.get("warmup_epochs", 1), pruner.get("startup_trials", 4)
     for key, value in (("warmup_epochs", warmup), ("startup_trials", startup)):
         if not (is_int(value) and value >= 0):
@@ -115,11 +105,10 @@ def parse_space(raw: Any, base: Params, origin: str = str(SEARCH_FILE)) -> Space
     for key in (*parameters, *fixed):
         if key in NOT_SEARCHABLE:
             raise _fail(origin, f"{key} cannot be searched or fixed here: it is not a hyperparameter")
-    for key in parameters:
-        if key in FIXED_ONLY:
+        if key in FIXED_ONLY and key in parameters:
             raise _fail(origin, f"{key} cannot be searched: fix it (fixed.{key}) for the whole study")
     for key, value in fixed.items():
-        _check_value(base, key, value, origin, f" (fixed.{key})")
+        _check_value(base, key, value, origin, f"fixed.{key}")
     base = parse_params({**base.as_dict(), **fixed}, origin)
 
     ranges, choices = {}, {}
@@ -130,10 +119,8 @@ def parse_space(raw: Any, base: Params, origin: str = str(SEARCH_FILE)) -> Space
         elif set(spec) in ({"min", "max"}, {"min", "max", "log"}):
             ranges[key] = _range(base, key, spec["min"], spec["max"], spec.get("log", False), origin)
         else:
-            raise _fail(
-                origin,
-                f"parameters.{key} must be {{values: [...]}} or {{min: ..., max: ...[, log: true]}}, got {spec!r}",
-            )
+            expected = "{values: [...]} or {min: ..., max: ...[, log: true]}"
+            raise _fail(origin, f"parameters.{key} must be {expected}, got {spec!r}")
     if trials is None and minutes is None:
         if ranges:
             grid = "a grid (every param {values: [...]}) runs each point once"
@@ -148,13 +135,13 @@ def _choices(base: Params, key: str, values: Any, origin: str) -> list[Any]:
     if len(set(map(repr, values))) != len(values):
         raise _fail(origin, f"parameters.{key}.values lists a value twice: {values!r}")
     for value in values:
-        _check_value(base, key, value, origin, f" (parameters.{key}.values)")
+        _check_value(base, key, value, origin, f"parameters.{key}.values")
     return values
 
 
 def _range(base: Params, key: str, low: Any, high: Any, log: Any, origin: str) -> Range:
-    _check_value(base, key, low, origin, f" (parameters.{key}.min)")
-    _check_value(base, key, high, origin, f" (parameters.{key}.max)")
+    _check_value(base, key, low, origin, f"parameters.{key}.min")
+    _check_value(base, key, high, origin, f"parameters.{key}.max")
     if not low < high:
         raise _fail(origin, f"parameters.{key}: empty range, min {low!r} must be below max {high!r}")
     if not isinstance(log, bool):
@@ -184,5 +171,5 @@ def set_arguments(point: dict[str, Any]) -> list[str]:
     """`dvc exp run -S key=value` arguments for a point; floats as Python writes them (params.yaml reads 1e-05)."""
     arguments = []
     for key, value in point.items():
-        arguments += ["-S", f"{key}={repr(value) if isinstance(value, float) else value}"]
+        arguments += ["-S", f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"]
     return arguments

@@ -2,11 +2,10 @@
 
 Usage: python stop_with_parent.py PARENT_PID COMMAND...
 
-`stages.tune` runs each trial (`dvc exp run`) under this, in a process group of its own: Ctrl-C reaches tune
-only, and tune decides what its trials get. Killed outright (SIGKILL), tune can stop nothing; its trial
-would train on, unowned. So this process asks the kernel for SIGHUP when its parent dies, and then sends
-its process group SIGINT: the train stage stops at the end of the epoch under way, as on Ctrl-C.
-It imports nothing of the project: run it by its path, from any directory.
+`stages.tune` runs each trial (`dvc exp run`) under this, leading a process group of its own. Killed outright
+(SIGKILL), tune can stop nothing; its trial would train on, unowned. So this process asks the kernel for SIGHUP
+when its parent dies, and then sends its process group SIGINT: the train stage stops at the end of the epoch
+under way, as on Ctrl-C. It imports nothing of the project: run it by its path, from any directory.
 """
 
 import ctypes
@@ -18,18 +17,14 @@ import sys
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when the thread that started it ends
 
 
-def stop_group(*_: object) -> None:
-    os.killpg(0, signal.SIGINT)
-
-
 def main(parent: int, command: list[str]) -> int:
     # The group's SIGINT is for the command; ignoring it with SIG_IGN would be inherited by the command.
     signal.signal(signal.SIGINT, lambda *_: None)
-    signal.signal(signal.SIGHUP, stop_group)
+    signal.signal(signal.SIGHUP, lambda *_: os.killpg(0, signal.SIGINT))
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGHUP)
     process = subprocess.Popen(command)
     if os.getppid() != parent:  # the parent died before prctl, or its SIGHUP came before the command started
-        stop_group()
+        os.killpg(0, signal.SIGINT)
     return process.wait()
 
 
