@@ -152,10 +152,8 @@ def start_training_run(params: Params) -> None:
     """Start the training run: its params, where it came from, the data's MD5s."""
     import mlflow
 
-    data_tags = {
-        "data.train.md5": tracking.md5(paths.SPLIT_TRAIN),
-        "data.validation.md5": tracking.md5(paths.SPLIT_VALIDATION),
-    }
+    splits = {"train": paths.SPLIT_TRAIN, "validation": paths.SPLIT_VALIDATION}
+    data_tags = {f"data.{name}.md5": tracking.md5(path) for name, path in splits.items()}
     tracking.start_run(run_name=tracking.run_name(), tags={**tracking.source_tags(), **data_tags})
     mlflow.log_params(params.as_dict())
 
@@ -179,11 +177,7 @@ def log_model(saved: Path) -> None:
             artifacts={"keras_model": str(saved)},
             signature=signature,
             # Given explicitly: inferring them would load the model again in a subprocess (seconds).
-            pip_requirements=[
-                f"tensorflow=={version('tensorflow')}",
-                f"keras=={version('keras')}",
-                f"mlflow=={version('mlflow')}",
-            ],
+            pip_requirements=[f"{name}=={version(name)}" for name in ("tensorflow", "keras", "mlflow")],
         )
     mlflow.set_tag(tracking.MODEL_TAG, tracking.md5(saved))
 
