@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,7 @@ from stages.lib.workspace import check_params_unchanged, params_in_use
 
 if TYPE_CHECKING:
     import keras
+    import matplotlib.figure
 
 # In the run, one table rather than 20 per-class metrics (each of which the MLflow UI draws as a chart).
 PER_CLASS_TABLE = "per_class.json"
@@ -116,7 +116,7 @@ def format_report(results: dict[str, Any], per_class: dict[str, dict[str, float]
     return "\n".join(lines)
 
 
-def confusion_figure(matrix: np.ndarray, path: Path) -> None:
+def confusion_figure(matrix: np.ndarray) -> matplotlib.figure.Figure:
     # A Figure of its own, not pyplot's: pyplot and its backend machinery cost about 0.3 s to import.
     from matplotlib.figure import Figure
 
@@ -129,7 +129,7 @@ def confusion_figure(matrix: np.ndarray, path: Path) -> None:
     axes.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted", ylabel="actual")
     axes.set_title("MNIST test set: confusion matrix")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    return figure
 
 
 def write_confusion_csv(path: Path, labels: np.ndarray, predictions: np.ndarray) -> None:
@@ -187,10 +187,7 @@ def log_evaluation(metrics: dict[str, float], per_class: dict[str, dict[str, flo
 
     mlflow.log_metrics(metrics)
     log_table(per_class_table(per_class), PER_CLASS_TABLE)
-    with tempfile.TemporaryDirectory() as folder:
-        figure = Path(folder) / "confusion_matrix.png"
-        confusion_figure(matrix, figure)
-        mlflow.log_artifact(str(figure))
+    mlflow.log_figure(confusion_figure(matrix), "confusion_matrix.png", save_kwargs={"dpi": 100})
 
 
 def main() -> None:

@@ -111,19 +111,19 @@ def open_experiment(experiment_name: str) -> str:
     import mlflow
 
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # a new mlflow.db's "Creating tables"
-    user_uri = os.environ.get("MLFLOW_TRACKING_URI") or None
+    default_store = not os.environ.get("MLFLOW_TRACKING_URI")
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    if user_uri is None:  # set_tracking_uri exports it; keep the variable meaning "the user's choice"
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    unset = {name: value for name, value in CONNECT_SETTINGS.items() if name not in os.environ}
     try:
-        unset = {name: value for name, value in CONNECT_SETTINGS.items() if name not in os.environ}
-        with mock.patch.dict(os.environ, unset), _store_setup_lock(user_uri is None):
+        # os.environ is restored after the block: the settings apply while connecting, and MLFLOW_TRACKING_URI,
+        # which set_tracking_uri exports, keeps meaning "the user's choice".
+        with mock.patch.dict(os.environ, unset), _store_setup_lock(default_store):
+            mlflow.set_tracking_uri(uri)
             client = mlflow.MlflowClient()
             experiment = client.get_experiment_by_name(experiment_name)
             if experiment is None:
                 # Our default store keeps artifacts beside it; a server decides for itself.
-                location = (repo_root() / ARTIFACTS_DIR).as_uri() if user_uri is None else None
+                location = (repo_root() / ARTIFACTS_DIR).as_uri() if default_store else None
                 with contextlib.suppress(mlflow.exceptions.MlflowException):  # another machine created it first
                     client.create_experiment(experiment_name, artifact_location=location)
                 experiment = client.get_experiment_by_name(experiment_name)

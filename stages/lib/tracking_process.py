@@ -163,17 +163,13 @@ def _serve(connection: Any) -> None:
     while True:
         try:
             function, args = connection.recv()
-        except (EOFError, OSError):  # the stage is gone
-            _run(tracking.end_run, ("KILLED",))
-            break
-        if failed and function is not tracking.end_run:
-            answer = (True, StageError(f"MLflow: {function.__name__} not run after an earlier failure"))
-        else:
-            answer = _run(function, args)
-            failed = failed or answer[0]
-        try:
+            if failed and function is not tracking.end_run:
+                answer = (True, StageError(f"MLflow: {function.__name__} not run after an earlier failure"))
+            else:
+                answer = _run(function, args)  # raises nothing
+                failed = failed or answer[0]
             connection.send(answer)
-        except (BrokenPipeError, ConnectionResetError):
+        except (EOFError, OSError):  # the stage is gone
             _run(tracking.end_run, ("KILLED",))
             break
     sys.stdout.flush()
