@@ -161,25 +161,17 @@ def pipeline_worker(
     timer = make_epoch_timer()
     with contextlib.ExitStack() as tracking:
         callbacks = [timer]
-        if tracked:  # as the train stage does: MLflow in a process of its own, posted each epoch's metrics
-            import keras
+        if tracked:  # as the train stage does: MLflow in a process of its own, given each epoch's metrics
+            from stages.lib.tracking_process import TrackingClient
 
-            from stages.lib import tracking as mlflow_tracking
-            from stages.lib.tracking_process import TrackingProcess
-
-            mlflow_process = tracking.enter_context(TrackingProcess())
-            mlflow_process.post(mlflow_tracking.open_stage_experiment, "bench", params.mlflow_experiment)
-            mlflow_process.call(train_stage.start_training_run, params)
-            post_epoch = keras.callbacks.LambdaCallback(
-                on_epoch_end=lambda epoch, logs: mlflow_process.post(
-                    mlflow_tracking.log_epoch, epoch + 1, train_stage.epoch_metrics(logs)
-                )
-            )
-            callbacks.insert(0, post_epoch)
+            mlflow_run = tracking.enter_context(TrackingClient("bench", params.mlflow_experiment))
+            mlflow_run.start_run(train_stage.start_training_run, params)
+            mlflow_run.run_ids()
+            callbacks.insert(0, train_stage.epoch_reporter(mlflow_run))
         model, _ = train_stage.train(params, train_examples, validation_examples, callbacks=callbacks)
         if tracked:
             train_stage.save_model(model, paths.MODEL)
-            mlflow_process.call(train_stage.log_model, paths.MODEL)
+            mlflow_run.log(train_stage.log_model, paths.MODEL)
     results = evaluate(model, load_examples(paths.PREPARED_TEST))
     return {"epoch_seconds": timer.seconds, "test_accuracy": results["test_accuracy"]}
 

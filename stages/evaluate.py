@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +22,12 @@ from stages.lib import tracking
 from stages.lib.input_pipeline import evaluation_dataset, load_examples, recorded_count
 from stages.lib.model import load_model
 from stages.lib.tensorflow_setup import import_tensorflow
-from stages.lib.tracking_process import TrackingProcess
+from stages.lib.tracking_process import TrackingClient
 from stages.lib.workspace import check_params_unchanged, params_in_use
 
 if TYPE_CHECKING:
     import keras
+    import matplotlib.figure
 
 # In the run, one table rather than 20 per-class metrics (each of which the MLflow UI draws as a chart).
 PER_CLASS_TABLE = "per_class.json"
@@ -116,7 +116,7 @@ def format_report(results: dict[str, Any], per_class: dict[str, dict[str, float]
     return "\n".join(lines)
 
 
-def confusion_figure(matrix: np.ndarray, path: Path) -> None:
+def confusion_figure(matrix: np.ndarray) -> matplotlib.figure.Figure:
     # A Figure of its own, not pyplot's: pyplot and its backend machinery cost about 0.3 s to import.
     from matplotlib.figure import Figure
 
@@ -129,7 +129,7 @@ def confusion_figure(matrix: np.ndarray, path: Path) -> None:
     axes.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted", ylabel="actual")
     axes.set_title("MNIST test set: confusion matrix")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    return figure
 
 
 def write_confusion_csv(path: Path, labels: np.ndarray, predictions: np.ndarray) -> None:
@@ -140,9 +140,9 @@ def write_confusion_csv(path: Path, labels: np.ndarray, predictions: np.ndarray)
         writer.writerows(zip(labels.tolist(), predictions.tolist(), strict=True))
 
 
-def start_evaluation_run(params: Params, model_md5: str) -> tuple[str, str]:
+def start_evaluation_run(params: Params, model_md5: str) -> None:
     """Reopen the run that trained the model (see tracking.find_training_run); if no run in this store
-    trained it (a model pulled from elsewhere), start a new run that says so. (experiment id, run id)"""
+    trained it (a model pulled from elsewhere), start a new run that says so."""
     import mlflow
 
     experiment_id = tracking.open_experiment(params.mlflow_experiment)
@@ -150,7 +150,8 @@ def start_evaluation_run(params: Params, model_md5: str) -> tuple[str, str]:
 
     training = tracking.find_training_run(experiment_id, model_md5)
     if training is not None:
-        return experiment_id, tracking.start_run(training.info.run_id).info.run_id
+        tracking.start_run(training.info.run_id)
+        return
     log(
         "evaluate",
         f"warning: no MLflow run in {tracking.tracking_uri()} trained {paths.MODEL} (md5 {model_md5}); "
@@ -161,9 +162,8 @@ def start_evaluation_run(params: Params, model_md5: str) -> tuple[str, str]:
         tracking.EVALUATED_MODEL_TAG: model_md5,
         "mlflow.note.content": f"Evaluation only: no run in this store trained the model (md5 {model_md5}).",
     }
-    run = tracking.start_run(experiment_id=experiment_id, run_name=f"{tracking.run_name()}-evaluate", tags=tags)
+    tracking.start_run(experiment_id=experiment_id, run_name=f"{tracking.run_name()}-evaluate", tags=tags)
     mlflow.log_params(params.as_dict())
-    return experiment_id, run.info.run_id
 
 
 def log_table(table: dict[str, list], artifact_file: str) -> None:
@@ -181,21 +181,13 @@ def log_table(table: dict[str, list], artifact_file: str) -> None:
         mlflow.set_tag(MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
 
 
-def log_evaluation(
-    metrics: dict[str, float], per_class: dict[str, dict[str, float]], matrix: np.ndarray
-) -> tuple[str, str]:
-    """Test metrics, the per-class table and the confusion matrix figure, into the active run; its
-    (experiment id, run id)."""
+def log_evaluation(metrics: dict[str, float], per_class: dict[str, dict[str, float]], matrix: np.ndarray) -> None:
+    """Test metrics, the per-class table and the confusion matrix figure, into the active run."""
     import mlflow
 
     mlflow.log_metrics(metrics)
     log_table(per_class_table(per_class), PER_CLASS_TABLE)
-    with tempfile.TemporaryDirectory() as folder:
-        figure = Path(folder) / "confusion_matrix.png"
-        confusion_figure(matrix, figure)
-        mlflow.log_artifact(str(figure))
-    run = mlflow.active_run()
-    return run.info.experiment_id, run.info.run_id
+    mlflow.log_figure(confusion_figure(matrix), "confusion_matrix.png", save_kwargs={"dpi": 100})
 
 
 def main() -> None:
@@ -203,9 +195,8 @@ def main() -> None:
     params = load_params()
     if not paths.MODEL.is_file():
         raise StageError(f"{paths.MODEL}: file not found (run `dvc repro train` to create it)")
-    with params_in_use("evaluate"), TrackingProcess() as mlflow_process:
-        mlflow_process.post(tracking.open_stage_experiment, "evaluate", params.mlflow_experiment)
-        mlflow_process.post(start_evaluation_run, params, tracking.md5(paths.MODEL))
+    with params_in_use("evaluate"), TrackingClient("evaluate", params.mlflow_experiment) as mlflow_run:
+        mlflow_run.start_run(start_evaluation_run, params, tracking.md5(paths.MODEL))
         import_tensorflow(params.numerics)
         with signals_held():
             model = load_model(paths.MODEL)
@@ -216,7 +207,8 @@ def main() -> None:
         print(format_report(results, per_class, matrix), flush=True)
         metrics = {"test_loss": results["test_loss"], "test_accuracy": results["test_accuracy"]}
         check_params_unchanged(params)
-        experiment_id, run_id = mlflow_process.call(log_evaluation, metrics, per_class, matrix)
+        mlflow_run.log(log_evaluation, metrics, per_class, matrix)
+        experiment_id, run_id = mlflow_run.run_ids()
         write_json(paths.PER_CLASS_METRICS, per_class)
         write_confusion_csv(paths.CONFUSION, test.labels, results["predictions"])
         write_json(paths.EVALUATE_METRICS, metrics)

@@ -6,12 +6,13 @@ import csv
 import json
 import math
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from stages.common import paths
 from stages.common.cli import Timer, log, run_stage, signals_held, stop_requested
@@ -22,13 +23,14 @@ from stages.lib import tracking
 from stages.lib.input_pipeline import evaluation_dataset, load_examples, recorded_count, training_dataset
 from stages.lib.model import build_model
 from stages.lib.tensorflow_setup import import_tensorflow
-from stages.lib.tracking_process import TrackingProcess
+from stages.lib.tracking_process import TrackingClient
 from stages.lib.workspace import check_params_unchanged, params_in_use
 
 if TYPE_CHECKING:
     import keras
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+METRICS = HISTORY_COLUMNS[1:]  # of each epoch
 
 # Up to 1000 optimizer steps per compiled call instead of one (a whole epoch at the notebook's
 # batch size): Keras' per-step Python overhead dominates a model this small. Same batches, same
@@ -101,7 +103,7 @@ def train(
     # progress bar miscounts when steps_per_execution exceeds the steps of a predict() call.
     compile_model(model, model.optimizer, 1)
     rows = [
-        {"epoch": epoch + 1, **{name: float(history[name][epoch]) for name in HISTORY_COLUMNS[1:]}}
+        {"epoch": epoch + 1, **{name: float(history[name][epoch]) for name in METRICS}}
         for epoch in range(len(history["loss"]))  # fewer than params.epochs if a signal stopped it
     ]
     return model, rows
@@ -117,7 +119,13 @@ def kept_epoch(params: Params, history: list[dict[str, float]]) -> dict[str, flo
 
 def save_model(model: keras.Model, path: Path) -> None:
     """Save as .keras, atomically, so that same weights => same bytes: Keras writes the save time into
-    metadata.json and every zip entry's header, and numbers shared objects by memory address."""
+    metadata.json and every zip entry's header, and numbers shared objects by memory address (renumbered
+    here 1, 2, ... in order of appearance: the ids only pair up the references to one object)."""
+    numbers: dict[bytes, int] = {}
+
+    def renumber(match: re.Match) -> bytes:
+        return b'"shared_object_id": %d' % numbers.setdefault(match[1], len(numbers) + 1)
+
     with atomic_output(path) as temporary:
         model.save(temporary)
         with zipfile.ZipFile(temporary) as saved:
@@ -127,29 +135,10 @@ def save_model(model: keras.Model, path: Path) -> None:
                 if entry.filename == "metadata.json":
                     content = json.dumps({**json.loads(content), "date_saved": FIXED_DATE_SAVED}).encode()
                 elif entry.filename == "config.json":
-                    content = json.dumps(_renumber_shared_objects(json.loads(content))).encode()
+                    content = re.sub(rb'"shared_object_id": (\d+)', renumber, content)
                 fixed = zipfile.ZipInfo(entry.filename, date_time=FIXED_ZIP_TIME)
                 fixed.compress_type, fixed.external_attr = entry.compress_type, entry.external_attr
                 pinned.writestr(fixed, content)
-
-
-def _renumber_shared_objects(config: Any) -> Any:
-    """The model config with each `shared_object_id` (a memory address) replaced by 1, 2, ... in
-    order of appearance: the ids only pair up the references to one object within the file."""
-    numbers: dict[int, int] = {}
-
-    def renumber(node: Any) -> None:
-        if isinstance(node, dict):
-            if "shared_object_id" in node:
-                node["shared_object_id"] = numbers.setdefault(node["shared_object_id"], len(numbers) + 1)
-            for value in node.values():
-                renumber(value)
-        elif isinstance(node, list):
-            for value in node:
-                renumber(value)
-
-    renumber(config)
-    return config
 
 
 def write_history(path: Path, rows: list[dict[str, float]]) -> None:
@@ -159,22 +148,14 @@ def write_history(path: Path, rows: list[dict[str, float]]) -> None:
         writer.writerows(rows)
 
 
-def epoch_metrics(logs: dict[str, float]) -> dict[str, float]:
-    """The metrics of Keras' epoch-end logs that the run records."""
-    return {name: float(logs[name]) for name in HISTORY_COLUMNS[1:] if name in logs}
-
-
-def start_training_run(params: Params) -> tuple[str, str]:
-    """Start the training run: its params, where it came from, the data's MD5s. (experiment id, run id)"""
+def start_training_run(params: Params) -> None:
+    """Start the training run: its params, where it came from, the data's MD5s."""
     import mlflow
 
-    data_tags = {
-        "data.train.md5": tracking.md5(paths.SPLIT_TRAIN),
-        "data.validation.md5": tracking.md5(paths.SPLIT_VALIDATION),
-    }
-    run = tracking.start_run(run_name=tracking.run_name(), tags={**tracking.source_tags(), **data_tags})
+    splits = {"train": paths.SPLIT_TRAIN, "validation": paths.SPLIT_VALIDATION}
+    data_tags = {f"data.{name}.md5": tracking.md5(path) for name, path in splits.items()}
+    tracking.start_run(run_name=tracking.run_name(), tags={**tracking.source_tags(), **data_tags})
     mlflow.log_params(params.as_dict())
-    return run.info.experiment_id, run.info.run_id
 
 
 def log_model(saved: Path) -> None:
@@ -196,11 +177,7 @@ def log_model(saved: Path) -> None:
             artifacts={"keras_model": str(saved)},
             signature=signature,
             # Given explicitly: inferring them would load the model again in a subprocess (seconds).
-            pip_requirements=[
-                f"tensorflow=={version('tensorflow')}",
-                f"keras=={version('keras')}",
-                f"mlflow=={version('mlflow')}",
-            ],
+            pip_requirements=[f"{name}=={version(name)}" for name in ("tensorflow", "keras", "mlflow")],
         )
     mlflow.set_tag(tracking.MODEL_TAG, tracking.md5(saved))
 
@@ -218,16 +195,16 @@ def train_metrics(params: Params, history: list[dict[str, float]]) -> dict[str, 
     stopping, which one)."""
     kept = kept_epoch(params, history)
     stopped = {"kept_epoch": kept["epoch"]} if params.early_stopping_patience else {}
-    return {"epochs": params.epochs, **stopped, **{name: kept[name] for name in HISTORY_COLUMNS[1:]}}
+    return {"epochs": params.epochs, **stopped, **{name: kept[name] for name in METRICS}}
 
 
-def epoch_reporter(mlflow_process: TrackingProcess) -> keras.callbacks.Callback:
+def epoch_reporter(mlflow_run: TrackingClient) -> keras.callbacks.Callback:
     """Each epoch's metrics to the run, and with EPOCH_JSON_ENV set, to stdout for a program (stages.tune)."""
     import keras
 
     def report(epoch: int, logs: dict[str, float]) -> None:
-        metrics = epoch_metrics(logs)
-        mlflow_process.post(tracking.log_epoch, epoch + 1, metrics)
+        metrics = {name: float(logs[name]) for name in METRICS if name in logs}
+        mlflow_run.log_epoch(epoch + 1, metrics)
         if os.environ.get(tracking.EPOCH_JSON_ENV):
             print(tracking.EPOCH_LINE_PREFIX + json.dumps({"epoch": epoch + 1, **metrics}), flush=True)
 
@@ -239,22 +216,22 @@ def main() -> None:
     params = load_params()
     saved = False
     try:
-        with params_in_use("train"), TrackingProcess() as mlflow_process:
-            mlflow_process.post(tracking.open_stage_experiment, "train", params.mlflow_experiment)
+        with params_in_use("train"), TrackingClient("train", params.mlflow_experiment) as mlflow_run:
             import_tensorflow(params.numerics)
             with signals_held():
                 train_examples, validation_examples = read_split()
             counts = f"{len(train_examples.labels)} train / {len(validation_examples.labels)} validation"
             log("train", f"{counts} records loaded in {timer}")
             # Only now: a bad input records no run, and a store that refuses us costs no training.
-            experiment_id, run_id = mlflow_process.call(start_training_run, params)
+            mlflow_run.start_run(start_training_run, params)
+            experiment_id, run_id = mlflow_run.run_ids()
             with signals_held():  # a signal stops training at the end of the epoch, then is raised
-                model, history = train(params, train_examples, validation_examples, [epoch_reporter(mlflow_process)])
+                model, history = train(params, train_examples, validation_examples, [epoch_reporter(mlflow_run)])
             check_params_unchanged(params)
             with signals_held():
                 save_model(model, paths.MODEL)
                 saved = True
-            mlflow_process.call(log_model, paths.MODEL)
+            mlflow_run.log(log_model, paths.MODEL)
     except BaseException:
         if saved:  # a model without its complete run, and without its metrics: half of a result
             paths.MODEL.unlink()

@@ -41,7 +41,6 @@ def test_a_second_run_puts_back_the_params_the_first_runs_with_and_stops(root):
 def test_nothing_is_held_in_a_copy_that_dvc_runs_elsewhere(root, monkeypatch, tmp_path_factory):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path_factory.mktemp("parent-repository")))  # --temp, --queue
     with workspace.params_in_use("train"):
-        assert workspace.another_run() is None
         workspace.refuse_a_second_run()
     assert not (root / workspace.IN_USE).exists()
 

@@ -1,7 +1,5 @@
 """The thin command-line layer every stage shares: one-line errors, exit codes, signals, progress lines."""
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import os
@@ -56,8 +54,7 @@ def signals_held() -> Iterator[None]:
 
 
 def stop_requested() -> bool:
-    """Whether a signal is being held by signals_held()."""
-    return _held_signal is not None
+    return _held_signal is not None  # held by signals_held()
 
 
 def log(stage: str, message: str) -> None:
@@ -121,8 +118,7 @@ def in_workspace() -> bool:
 
 
 def _print_restore_hint(stage: str) -> None:
-    """When DVC ran the stage in the workspace (not in a copy: --temp, --queue), it removed the stage's previous
-    outputs first: the command that restores them."""
+    """DVC removed the outputs of a stage it runs in the workspace: the command that restores them."""
     if os.environ.get("DVC_STAGE") and in_workspace() and stage in paths.OUTPUTS_IN_GIT:
         restore = [f"dvc checkout {stage}", *(f"git checkout -- {path}" for path in paths.OUTPUTS_IN_GIT[stage])]
         print(

@@ -19,6 +19,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import psutil
 
@@ -37,7 +38,7 @@ LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves our SQLite store 
 # MLflow's retries (bounded by stages/lib/tracking_process.py), so a hiccup costs no finished training.
 CONNECT_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 # Noise in a stage's log: a progress bar per artifact, and the "View run at" lines whose experiment link
-# opens the UI's empty GenAI overview (stages print a working link: run_page). Set to true to see them.
+# opens the UI's empty GenAI overview (stages print a working link: log_run_page). Set to true to see them.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
@@ -69,16 +70,12 @@ def ui_address() -> str:
     return uri.rstrip("/") if is_server(uri) else LOCAL_UI
 
 
-def run_page(experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI, in its model-training mode (whose links lead back to the runs table,
-    not to the GenAI overview)."""
-    return f"{ui_address()}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-
-
 def log_run_page(stage: str, experiment_id: str, run_id: str) -> None:
-    """Against a tracking server, whose own links MLflow no longer prints (above): the run's page."""
+    """Against a tracking server, whose own links MLflow no longer prints (above): the run's page in the UI,
+    in its model-training mode (whose links lead back to the runs table, not to the GenAI overview)."""
     if is_server(tracking_uri()):
-        log(stage, f"MLflow UI: {run_page(experiment_id, run_id)}")
+        page = f"{ui_address()}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+        log(stage, f"MLflow UI: {page}")
 
 
 def run_name() -> str:
@@ -114,18 +111,19 @@ def open_experiment(experiment_name: str) -> str:
     import mlflow
 
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # a new mlflow.db's "Creating tables"
-    user_uri = os.environ.get("MLFLOW_TRACKING_URI") or None
+    default_store = not os.environ.get("MLFLOW_TRACKING_URI")
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    if user_uri is None:  # set_tracking_uri exports it; keep the variable meaning "the user's choice"
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    unset = {name: value for name, value in CONNECT_SETTINGS.items() if name not in os.environ}
     try:
-        with _settings_unless_set(CONNECT_SETTINGS), _store_setup_lock(user_uri is None):
+        # os.environ is restored after the block: the settings apply while connecting, and MLFLOW_TRACKING_URI,
+        # which set_tracking_uri exports, keeps meaning "the user's choice".
+        with mock.patch.dict(os.environ, unset), _store_setup_lock(default_store):
+            mlflow.set_tracking_uri(uri)
             client = mlflow.MlflowClient()
             experiment = client.get_experiment_by_name(experiment_name)
             if experiment is None:
                 # Our default store keeps artifacts beside it; a server decides for itself.
-                location = (repo_root() / ARTIFACTS_DIR).as_uri() if user_uri is None else None
+                location = (repo_root() / ARTIFACTS_DIR).as_uri() if default_store else None
                 with contextlib.suppress(mlflow.exceptions.MlflowException):  # another machine created it first
                     client.create_experiment(experiment_name, artifact_location=location)
                 experiment = client.get_experiment_by_name(experiment_name)
@@ -150,7 +148,12 @@ def open_experiment(experiment_name: str) -> str:
 @contextlib.contextmanager
 def _store_setup_lock(default_store: bool) -> Iterator[None]:
     """For the default SQLite store, one process at a time creates or migrates its tables: two queued
-    experiments starting on a new mlflow.db otherwise race in MLflow's migration. (A server serialises it.)"""
+    experiments starting on a new mlflow.db otherwise race in MLflow's migration. (A server serialises it.)
+    A new store is created under another name, then renamed into place: its migrations take seconds, and a
+    stage that fails meanwhile ends its MLflow process; cut off half-way, they would leave a store that no
+    later run can open."""
+    import mlflow
+
     if not default_store:
         yield
         return
@@ -158,32 +161,11 @@ def _store_setup_lock(default_store: bool) -> Iterator[None]:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         database = repo_root() / DATABASE
         if not database.exists():
-            create_database(database)
+            partial = database.with_name(f".{database.name}.partial")  # a cut-off creation's, if it exists
+            partial.unlink(missing_ok=True)
+            mlflow.MlflowClient(f"sqlite:///{partial}").search_experiments(max_results=1)
+            partial.rename(database)
         yield
-
-
-def create_database(database: Path) -> None:
-    """Create MLflow's SQLite store under another name, then rename it into place. Its migrations take
-    seconds, and a stage that fails meanwhile ends its MLflow process: cut off half-way, they would leave
-    a store that no later run can open."""
-    import mlflow
-
-    partial = database.with_name(f".{database.name}.partial")  # a cut-off creation's, if it exists
-    partial.unlink(missing_ok=True)
-    mlflow.MlflowClient(f"sqlite:///{partial}").search_experiments(max_results=1)
-    partial.rename(database)
-
-
-@contextlib.contextmanager
-def _settings_unless_set(settings: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the block, except those the user has set."""
-    added = {name: value for name, value in settings.items() if name not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for name in added:
-            os.environ.pop(name, None)
 
 
 def find_training_run(experiment_id: str, model_md5: str) -> mlflow.entities.Run | None:

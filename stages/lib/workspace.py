@@ -8,8 +8,6 @@ the params.yaml they read. The second run's check_params finds it, puts the file
 stage whose params.yaml changed anyway (an edit) fails rather than be recorded with params it did not use.
 """
 
-from __future__ import annotations
-
 import contextlib
 import fcntl
 import json
@@ -43,22 +41,17 @@ def params_in_use(stage: str) -> Iterator[None]:
             held.truncate(0)
 
 
-def another_run() -> dict | None:
-    """The holder of IN_USE, if a stage of another run holds it now."""
-    if not IN_USE.exists():
-        return None
-    with open(IN_USE) as held:
-        try:
-            fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return json.loads(held.read() or "null")
-    return None
-
-
 def refuse_a_second_run() -> None:
     """In check_params: if a stage of another run trains in this workspace, put back the params.yaml it read
     (which this run's `dvc exp run -S` overwrote) and stop."""
-    holder = another_run() if in_workspace() else None
+    if not in_workspace() or not IN_USE.exists():
+        return
+    with open(IN_USE) as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return  # nobody holds it
+        except BlockingIOError:
+            holder = json.loads(held.read() or "null")
     if holder is None:
         return
     restored = PARAMS_FILE.read_text() != holder["params"]
