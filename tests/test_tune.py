@@ -542,7 +542,7 @@ def test_the_studys_run_holds_the_search_the_best_so_far_by_trials_finished_and_
     assert run.data.metrics["trials_complete"] == 3 and run.data.metrics["trials_pruned"] == 0
     assert run.data.tags["best.experiment"] == "s-1" and run.data.tags["best.trial"] == "1"
     assert run.data.tags["space.hidden_layer_size"] == "[16, 256] log" and run.data.tags["fixed.epochs"] == "3"
-    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(models[0], 1), (models[1], 2)]
+    assert sorted((o.step, o.model_id) for o in run.outputs.model_outputs) == [(1, models[0]), (2, models[1])]
     for n in range(3):
         (child,) = client.search_runs([experiment_id], f"tags.`dvc.experiment` = 's-{n}'")
         assert (child.data.tags["tune.study"], child.data.tags["tune.trial"]) == ("s", str(n))
