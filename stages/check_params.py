@@ -13,7 +13,7 @@ import subprocess
 from stages.common.cli import in_workspace, log, run_stage
 from stages.common.errors import StageError
 from stages.common.params import PARAMS_FILE, load_params
-from stages.lib.workspace import refuse_a_second_run
+from stages.lib.workspace import claim_workspace
 
 # `dvc exp run -S` writes its values into the workspace's params.yaml before any stage runs and leaves
 # them there when the experiment fails (merged with any edits of yours: DVC keeps no copy of the file as
@@ -36,7 +36,7 @@ def show_git_the_workspace() -> None:
 
 
 def main() -> None:
-    refuse_a_second_run()
+    claim_workspace("check_params")
     try:
         load_params()
     except StageError as exc:

@@ -23,7 +23,7 @@ from stages.lib.input_pipeline import evaluation_dataset, load_examples, recorde
 from stages.lib.model import load_model
 from stages.lib.tensorflow_setup import import_tensorflow
 from stages.lib.tracking_process import TrackingClient
-from stages.lib.workspace import check_params_unchanged, params_in_use
+from stages.lib.workspace import check_params_unchanged, claim_workspace
 
 if TYPE_CHECKING:
     import keras
@@ -192,10 +192,11 @@ def log_evaluation(metrics: dict[str, float], per_class: dict[str, dict[str, flo
 
 def main() -> None:
     timer = Timer()
+    claim_workspace("evaluate")
     params = load_params()
     if not paths.MODEL.is_file():
         raise StageError(f"{paths.MODEL}: file not found (run `dvc repro train` to create it)")
-    with params_in_use("evaluate"), TrackingClient("evaluate", params.mlflow_experiment) as mlflow_run:
+    with TrackingClient("evaluate", params.mlflow_experiment) as mlflow_run:
         mlflow_run.start_run(start_evaluation_run, params, tracking.md5(paths.MODEL))
         import_tensorflow(params.numerics)
         with signals_held():

@@ -24,7 +24,7 @@ from stages.lib.input_pipeline import evaluation_dataset, load_examples, recorde
 from stages.lib.model import build_model
 from stages.lib.tensorflow_setup import import_tensorflow
 from stages.lib.tracking_process import TrackingClient
-from stages.lib.workspace import check_params_unchanged, params_in_use
+from stages.lib.workspace import check_params_unchanged, claim_workspace
 
 if TYPE_CHECKING:
     import keras
@@ -213,10 +213,11 @@ def epoch_reporter(mlflow_run: TrackingClient) -> keras.callbacks.Callback:
 
 def main() -> None:
     timer = Timer()
+    claim_workspace("train")
     params = load_params()
     saved = False
     try:
-        with params_in_use("train"), TrackingClient("train", params.mlflow_experiment) as mlflow_run:
+        with TrackingClient("train", params.mlflow_experiment) as mlflow_run:
             import_tensorflow(params.numerics)
             with signals_held():
                 train_examples, validation_examples = read_split()

@@ -420,16 +420,20 @@ def test_a_tracking_server_killed_mid_training_ends_the_stage_in_one_line_and_it
         server.wait(timeout=30)
 
 
-def test_a_second_experiment_started_in_the_workspace_is_refused_and_the_first_records_its_own_params(repo):
+# While the first trains, and once its train has ended (its claim outlives the stage: DVC goes on to record it).
+@pytest.mark.parametrize("moment", ["Epoch 2/", "train: 10 epochs: "])
+def test_a_second_experiment_started_in_the_workspace_is_refused_and_the_first_records_its_own_params(repo, moment):
     env = user_env(PYTHONUNBUFFERED="1")
     with started(["dvc", "exp", "run", "-S", "epochs=10"], repo, env) as first:
-        first.wait_for_line("Epoch 2/")
+        first.wait_for_line(moment)
         second = run(["dvc", "exp", "run", "-S", "epochs=3"], repo, env, check=False)
         assert load_params(repo / "params.yaml").epochs == 10  # put back at once
         first.finish(timeout=600)
     assert second.returncode != 0
     [refused] = [line for line in second.stderr.splitlines() if line.startswith("check_params: error: ")]
-    assert refused.startswith("check_params: error: another DVC run is in this workspace (train, pid ")
+    assert refused.startswith(
+        f"check_params: error: another DVC run is in this workspace (dvc pid {first.process.pid}, "
+    )
     assert "Epoch 1/" not in second.stdout
     # DVC ends the first with its own error (the second reset its experiment refs), but the workspace holds
     # its complete result, filed under the params it trained with.

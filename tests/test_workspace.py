@@ -1,10 +1,16 @@
-"""stages/lib/workspace.py: a second run in the workspace is refused and params.yaml put back; a stage whose
-params.yaml changed under it fails rather than be recorded under params it did not use."""
+"""stages/lib/workspace.py: a second run in the workspace is refused, between the first's stages too, and
+params.yaml put back; a stage whose params.yaml changed under it fails rather than be recorded under params it
+did not use."""
 
 import dataclasses
+import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import psutil
 import pytest
 
 from stages.common.errors import StageError
@@ -22,27 +28,61 @@ def root(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_a_second_run_puts_back_the_params_the_first_runs_with_and_stops(root):
-    read_by_train = (root / "params.yaml").read_text()
-    with workspace.params_in_use("train"):
-        second = read_by_train.replace("epochs: 5", "epochs: 3")
-        (root / "params.yaml").write_text(second)  # what the second `dvc exp run -S epochs=3` writes
-        with pytest.raises(StageError) as error:
-            workspace.refuse_a_second_run()
-        assert (root / "params.yaml").read_text() == read_by_train
+@pytest.fixture
+def two_dvc_runs():
+    """Two live processes standing for the `dvc` processes of two runs."""
+    processes = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    yield [psutil.Process(process.pid) for process in processes]
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+def test_a_second_run_puts_back_the_params_the_first_runs_with_and_stops(root, two_dvc_runs):
+    first, second = two_dvc_runs
+    read_by_first = (root / "params.yaml").read_text()
+    workspace.claim_workspace("train", first)
+    workspace.claim_workspace("evaluate", first)  # the same run, its next stage
+    (root / "params.yaml").write_text(read_by_first.replace("epochs: 5", "epochs: 3"))  # the second's -S
+    with pytest.raises(StageError) as error:
+        workspace.claim_workspace("check_params", second)
+    assert (root / "params.yaml").read_text() == read_by_first
     assert str(error.value) == (
-        f"another DVC run is in this workspace (train, pid {os.getpid()}); put back the params.yaml it runs "
-        "with; wait for it, or run experiments side by side with `dvc exp run --temp` or `--queue` "
+        f"another DVC run is in this workspace (dvc pid {first.pid}, at stage evaluate); put back the params.yaml "
+        "it runs with; wait for it, or run experiments side by side with `dvc exp run --temp` or `--queue` "
         "(docs/failures.md)"
     )
-    workspace.refuse_a_second_run()  # released: nothing held, nothing refused
+    first.kill()
+    first.wait()
+    workspace.claim_workspace("check_params", second)  # the first's dvc has exited: its claim is void
+    assert json.loads((root / workspace.RUN_RECORD).read_text())["pid"] == second.pid
 
 
-def test_nothing_is_held_in_a_copy_that_dvc_runs_elsewhere(root, monkeypatch, tmp_path_factory):
+def test_the_claim_holds_between_the_stages_of_the_first_run(root, two_dvc_runs):
+    first, second = two_dvc_runs
+    workspace.claim_workspace("train", first)  # train has ended; DVC is writing dvc.lock
+    with pytest.raises(StageError, match="another DVC run is in this workspace"):
+        workspace.claim_workspace("check_params", second)
+
+
+def test_the_dvc_process_is_found_among_the_stages_ancestors(tmp_path):
+    stage = tmp_path / "stage.py"
+    stage.write_text("from stages.lib.workspace import dvc_process\nprint(dvc_process().pid)\n")
+    fake_dvc = tmp_path / "dvc"  # run as `python .../dvc`, as the venv's dvc script is; stages through a shell
+    run_stage = f"subprocess.run('{sys.executable} {stage}', shell=True, check=True)"
+    fake_dvc.write_text(f"import os, subprocess\nprint(os.getpid(), flush=True)\n{run_stage}\n")
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    pids = subprocess.run([sys.executable, fake_dvc], capture_output=True, text=True, check=True, env=env).stdout
+    printed = pids.split()
+    assert printed[0] == printed[1]
+    assert workspace.dvc_process() is None  # pytest runs under no dvc
+
+
+def test_nothing_is_claimed_in_a_copy_that_dvc_runs_elsewhere(root, monkeypatch, tmp_path_factory, two_dvc_runs):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path_factory.mktemp("parent-repository")))  # --temp, --queue
-    with workspace.params_in_use("train"):
-        workspace.refuse_a_second_run()
-    assert not (root / workspace.IN_USE).exists()
+    workspace.claim_workspace("train", two_dvc_runs[0])
+    workspace.claim_workspace("train", two_dvc_runs[1])
+    assert not (root / workspace.RUN_RECORD).exists()
 
 
 def test_a_stage_whose_params_changed_under_it_says_which_and_fails(root):

@@ -2,63 +2,69 @@
 
 DVC writes the params of an experiment's `-S` into the workspace's params.yaml before any stage runs, and
 records in dvc.lock what the file holds when a stage ends. So a second `dvc exp run` started while a first
-trains would file the first's outputs under the second's params (and DVC loses the first experiment's
-refs). Against that, train and evaluate hold `params_in_use` while they run in the workspace: a lock, and
-the params.yaml they read. The second run's check_params finds it, puts the file back and stops; and a
-stage whose params.yaml changed anyway (an edit) fails rather than be recorded with params it did not use.
+runs would file the first's outputs under the second's params (and DVC loses the first experiment's refs).
+Against that, each stage that runs in the workspace claims it for its `dvc` process: RUN_RECORD names that
+process and the params.yaml the stage read. Until that process exits, between its stages too, another run's
+first stage finds the claim, puts the file back and stops. A stage whose params.yaml changed anyway (an edit)
+fails rather than be recorded with params it did not use.
 """
 
-import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
+
+import psutil
 
 from stages.common.cli import in_workspace
 from stages.common.errors import StageError
 from stages.common.params import PARAMS_FILE, Params, load_params
 
-IN_USE = Path(".dvc/tmp/params-in-use.json")  # {"pid", "stage", "params"}: the holder, the text it read
+RUN_RECORD = Path(".dvc/tmp/run-in-workspace.json")  # {"pid", "started", "stage", "params"}
 TWO_AT_ONCE = "run experiments side by side with `dvc exp run --temp` or `--queue` (docs/failures.md)"
 
 
-@contextlib.contextmanager
-def params_in_use(stage: str) -> Iterator[None]:
-    """Under DVC in the workspace: for the block, hold IN_USE with the params.yaml this stage read."""
-    if not in_workspace():
-        yield
-        return
-    IN_USE.parent.mkdir(parents=True, exist_ok=True)
-    with open(IN_USE, "a+") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # a stage of another run, after check_params: wait for it
-        held.truncate(0)
-        held.write(json.dumps({"pid": os.getpid(), "stage": stage, "params": PARAMS_FILE.read_text()}))
-        held.flush()
+def dvc_process() -> psutil.Process | None:
+    """The `dvc` process that runs this stage (`dvc ...` or `python -m dvc ...`), if any."""
+    for process in psutil.Process().parents():
         try:
-            yield
-        finally:
-            held.truncate(0)
+            if "dvc" in (os.path.basename(part) for part in process.cmdline()[:3]):
+                return process
+        except psutil.Error:
+            continue
+    return None
 
 
-def refuse_a_second_run() -> None:
-    """In check_params: if a stage of another run trains in this workspace, put back the params.yaml it read
-    (which this run's `dvc exp run -S` overwrote) and stop."""
-    if not in_workspace() or not IN_USE.exists():
+def claim_workspace(stage: str, dvc: psutil.Process | None = None) -> None:
+    """Under DVC in the workspace: record that this stage's `dvc` process runs here with the params.yaml it
+    read; if another live `dvc` process holds the claim, put back the params.yaml it runs with and stop."""
+    if not in_workspace() or not (dvc := dvc or dvc_process()):
         return
-    with open(IN_USE) as held:
-        try:
-            fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return  # nobody holds it
-        except BlockingIOError:
-            holder = json.loads(held.read() or "null")
-    if holder is None:
-        return
+    claim = {"pid": dvc.pid, "started": dvc.create_time(), "stage": stage, "params": PARAMS_FILE.read_text()}
+    RUN_RECORD.parent.mkdir(parents=True, exist_ok=True)
+    with open(RUN_RECORD, "a+") as record:
+        fcntl.flock(record, fcntl.LOCK_EX)  # two first stages at the same instant: one claims, one is refused
+        record.seek(0)
+        holder = json.loads(record.read() or "null")
+        if holder and (holder["pid"], holder["started"]) != (claim["pid"], claim["started"]) and _alive(holder):
+            _refuse(holder)
+        record.truncate(0)
+        record.write(json.dumps(claim))
+
+
+def _alive(holder: dict) -> bool:
+    try:
+        return psutil.Process(holder["pid"]).create_time() == holder["started"]
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _refuse(holder: dict) -> None:
     restored = PARAMS_FILE.read_text() != holder["params"]
     if restored:
         PARAMS_FILE.write_text(holder["params"])
     raise StageError(
-        f"another DVC run is in this workspace ({holder['stage']}, pid {holder['pid']})"
+        f"another DVC run is in this workspace (dvc pid {holder['pid']}, at stage {holder['stage']})"
         + (f"; put back the {PARAMS_FILE} it runs with" if restored else "")
         + f"; wait for it, or {TWO_AT_ONCE}"
     )
