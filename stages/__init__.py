@@ -1,5 +1,2 @@
-"""The MNIST pipeline: one module per DVC stage (prepare, split, train, evaluate).
-
-`common/` is imported by every stage, so dvc.yaml lists the folder once per stage; `lib/`
-holds what only some stages use, listed module by module where it is used.
-"""
+"""The MNIST pipeline: a module per DVC stage (prepare, split, check_params, train, evaluate) and per command (tune,
+promote, predict, runs, numerics); `common/` and `lib/` say in their docstrings which stages import them."""

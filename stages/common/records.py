@@ -38,23 +38,20 @@ def encode_example(image: bytes, label: int) -> bytes:
     return _field(1, b"".join(_field(1, _field(1, key) + _field(2, value)) for key, value in features.items()))
 
 
-def write_framed(path: Path, records: Iterable[bytes]) -> int:
+def write_framed(path: Path, records: Iterable[bytes]) -> None:
     """Write serialized records to a TFRecord file atomically, each framed by its length, the length's masked
-    CRC-32C and its own; return how many were written."""
-    count = 0
+    CRC-32C and its own."""
     with atomic_output(path) as temporary, open(temporary, "wb") as file:
         for record in records:
             length = struct.pack("<Q", len(record))
             file.write(length + _crc(length) + record + _crc(record))
-            count += 1
-    return count
 
 
-def write_examples(path: Path, examples: Examples) -> int:
+def write_examples(path: Path, examples: Examples) -> None:
     """Write images and labels as a TFRecord file of Examples, atomically."""
     flat = examples.images.reshape(len(examples.images), -1)
     records = (encode_example(image.tobytes(), int(label)) for image, label in zip(flat, examples.labels, strict=True))
-    return write_framed(path, records)
+    write_framed(path, records)
 
 
 def read_framed(path: Path) -> list[bytes]:

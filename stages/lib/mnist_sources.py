@@ -96,9 +96,7 @@ def load_tfds(data_dir: str | None) -> Dataset:
         location = data_dir or "the default tfds data_dir"
         raise StageError(f"tfds: cannot load 'mnist' from {location}: {first_line(exc)}") from exc
     splits = []
-    for dataset in loaded:
-        batches = list(tfds.as_numpy(dataset.batch(10_000)))
-        images = np.concatenate([images for images, _ in batches]).astype(np.uint8)
-        labels = np.concatenate([labels for _, labels in batches]).astype(np.uint8)
-        splits.append(Examples(images.reshape(-1, *IMAGE_SHAPE), labels))
+    for dataset in loaded:  # each split in one batch (train, 60,000); tfds' images are (28, 28, 1) uint8 already
+        images, labels = tfds.as_numpy(dataset.batch(100_000).get_single_element())
+        splits.append(Examples(images, labels.astype(np.uint8)))
     return Dataset(*splits, {})
