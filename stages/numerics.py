@@ -14,6 +14,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from stages.common.cli import run_stage
 from stages.common.dataset import IMAGE_SHAPE, NUM_CLASSES, Examples
 from stages.common.outputs import write_json
@@ -38,8 +40,6 @@ PROMISES = {
 
 
 def md5_of(arrays: list[Any]) -> str:
-    import numpy as np
-
     return hashlib.md5(b"".join(np.asarray(array).tobytes() for array in arrays)).hexdigest()
 
 
@@ -47,8 +47,6 @@ def fingerprints(params: Params) -> dict[str, str]:
     """MD5s of two computations on seeded synthetic images. "training": the weights after one epoch (every kernel
     train uses, at its shapes). "evaluation": evaluate's probabilities and loss with the untrained seeded model,
     so that it does not depend on training's bits."""
-    import numpy as np
-
     from stages.evaluate import evaluate
     from stages.lib.model import build_model
     from stages.train import seed_everything, train

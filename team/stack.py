@@ -116,10 +116,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _listened_on(port: int) -> bool:
-    return any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.net_connections("tcp"))
-
-
 def _find(name: str, *dirs: Path, missing: str = "") -> str:
     found = next((str(d / name) for d in dirs if (d / name).is_file()), None) or shutil.which(name)
     if not found:
@@ -296,8 +292,9 @@ def start(
         _pg_bin("initdb"), _pg_bin("postgres"), _as_unprivileged()
     if "s3" in to_start:
         _find("rclone", Path(sys.executable).parent)
+    listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
     for service in to_start:
-        if _listened_on(port := stack.ports[service]):
+        if (port := stack.ports[service]) in listening:
             raise StackError(f"{service}: port {HOST}:{port} is already in use (by another program or stack)")
     for service in to_start:
         began = time.monotonic()
