@@ -49,19 +49,15 @@ class Space:
         return not self.ranges
 
 
-def _fail(origin: str, message: str) -> StageError:
-    return StageError(f"{origin}: {message}")
-
-
 def _mapping(value: Any, what: str, origin: str, allowed: tuple[str, ...] = ()) -> dict:
     """`value` as a mapping, {} if None; with `allowed`, its keys among them."""
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _fail(origin, f"{what} must be a mapping, got {value!r}")
+        raise StageError(f"{origin}: {what} must be a mapping, got {value!r}")
     for key in value:
         if allowed and key not in allowed:
-            raise _fail(origin, unknown_key(key, allowed, f"{what}."))
+            raise StageError(f"{origin}: {unknown_key(key, allowed, f'{what}.')}")
     return value
 
 
@@ -78,35 +74,35 @@ def parse_space(raw: Any, base: Params, origin: str = str(SEARCH_FILE)) -> Space
     raw = _mapping(raw, "the file", origin)
     for key in raw:
         if key not in _TOP_KEYS:
-            raise _fail(origin, unknown_key(key, _TOP_KEYS))
+            raise StageError(f"{origin}: {unknown_key(key, _TOP_KEYS)}")
     if raw.get("metric", METRIC) != METRIC:
-        raise _fail(origin, f"metric must be {METRIC} (maximised; never a test metric), got {raw['metric']!r}")
+        raise StageError(f"{origin}: metric must be {METRIC} (maximised; never a test metric), got {raw['metric']!r}")
     seed = raw.get("seed", 0)
     if not (is_int(seed) and 0 <= seed < 2**32):
-        raise _fail(origin, f"seed must be an integer in [0, 4294967295], got {seed!r}")
+        raise StageError(f"{origin}: seed must be an integer in [0, 4294967295], got {seed!r}")
     budget = _mapping(raw.get("budget"), "budget", origin, ("trials", "minutes"))
     trials, minutes = budget.get("trials"), budget.get("minutes")
     if trials is not None and not (is_int(trials) and trials >= 1):
-        raise _fail(origin, f"budget.trials must be an integer >= 1, got {trials!r}")
+        raise StageError(f"{origin}: budget.trials must be an integer >= 1, got {trials!r}")
     if minutes is not None and not ((is_int(minutes) or isinstance(minutes, float)) and minutes > 0):
-        raise _fail(origin, f"budget.minutes must be a number > 0, got {minutes!r}")
+        raise StageError(f"{origin}: budget.minutes must be a number > 0, got {minutes!r}")
     pruner = _mapping(raw.get("pruner"), "pruner", origin, ("warmup_epochs", "startup_trials"))
     warmup, startup = pruner.get("warmup_epochs", 1), pruner.get("startup_trials", 4)
     for key, value in (("warmup_epochs", warmup), ("startup_trials", startup)):
         if not (is_int(value) and value >= 0):
-            raise _fail(origin, f"pruner.{key} must be an integer >= 0, got {value!r}")
+            raise StageError(f"{origin}: pruner.{key} must be an integer >= 0, got {value!r}")
 
     parameters = _mapping(raw.get("parameters"), "parameters", origin)
     fixed = _mapping(raw.get("fixed"), "fixed", origin)
     if not parameters:
-        raise _fail(origin, "parameters is empty: name at least one param to search")
+        raise StageError(f"{origin}: parameters is empty: name at least one param to search")
     for key in parameters.keys() & fixed.keys():
-        raise _fail(origin, f"{key} is both searched (parameters) and fixed")
+        raise StageError(f"{origin}: {key} is both searched (parameters) and fixed")
     for key in (*parameters, *fixed):
         if key in NOT_SEARCHABLE:
-            raise _fail(origin, f"{key} cannot be searched or fixed here: it is not a hyperparameter")
+            raise StageError(f"{origin}: {key} cannot be searched or fixed here: it is not a hyperparameter")
         if key in FIXED_ONLY and key in parameters:
-            raise _fail(origin, f"{key} cannot be searched: fix it (fixed.{key}) for the whole study")
+            raise StageError(f"{origin}: {key} cannot be searched: fix it (fixed.{key}) for the whole study")
     for key, value in fixed.items():
         _check_value(base, key, value, origin, f"fixed.{key}")
     base = parse_params({**base.as_dict(), **fixed}, origin)
@@ -120,20 +116,20 @@ def parse_space(raw: Any, base: Params, origin: str = str(SEARCH_FILE)) -> Space
             ranges[key] = _range(base, key, spec["min"], spec["max"], spec.get("log", False), origin)
         else:
             expected = "{values: [...]} or {min: ..., max: ...[, log: true]}"
-            raise _fail(origin, f"parameters.{key} must be {expected}, got {spec!r}")
+            raise StageError(f"{origin}: parameters.{key} must be {expected}, got {spec!r}")
     if trials is None and minutes is None:
         if ranges:
             grid = "a grid (every param {values: [...]}) runs each point once"
-            raise _fail(origin, f"budget needs trials, minutes or both ({grid} without)")
+            raise StageError(f"{origin}: budget needs trials, minutes or both ({grid} without)")
         trials = math.prod(len(values) for values in choices.values())  # the grid's size
     return Space(ranges, choices, fixed, seed, trials, None if minutes is None else float(minutes), warmup, startup)
 
 
 def _choices(base: Params, key: str, values: Any, origin: str) -> list[Any]:
     if not isinstance(values, list) or not values:
-        raise _fail(origin, f"parameters.{key}.values must be a non-empty list, got {values!r}")
+        raise StageError(f"{origin}: parameters.{key}.values must be a non-empty list, got {values!r}")
     if len(set(map(repr, values))) != len(values):
-        raise _fail(origin, f"parameters.{key}.values lists a value twice: {values!r}")
+        raise StageError(f"{origin}: parameters.{key}.values lists a value twice: {values!r}")
     for value in values:
         _check_value(base, key, value, origin, f"parameters.{key}.values")
     return values
@@ -143,11 +139,11 @@ def _range(base: Params, key: str, low: Any, high: Any, log: Any, origin: str) -
     _check_value(base, key, low, origin, f"parameters.{key}.min")
     _check_value(base, key, high, origin, f"parameters.{key}.max")
     if not low < high:
-        raise _fail(origin, f"parameters.{key}: empty range, min {low!r} must be below max {high!r}")
+        raise StageError(f"{origin}: parameters.{key}: empty range, min {low!r} must be below max {high!r}")
     if not isinstance(log, bool):
-        raise _fail(origin, f"parameters.{key}.log must be true or false, got {log!r}")
+        raise StageError(f"{origin}: parameters.{key}.log must be true or false, got {log!r}")
     if log and low <= 0:
-        raise _fail(origin, f"parameters.{key}: a log range needs min > 0, got {low!r}")
+        raise StageError(f"{origin}: parameters.{key}: a log range needs min > 0, got {low!r}")
     return Range(low, high, log, is_int(getattr(base, key)))  # params.yaml's rule has refused a float bound already
 
 
