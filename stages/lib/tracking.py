@@ -239,8 +239,6 @@ def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
 
 
 def end_run(status: str = "FINISHED") -> None:
-    """End the active run, if there is one, with `status`."""
     import mlflow
 
-    if mlflow.active_run() is not None:
-        mlflow.end_run(status)
+    mlflow.end_run(status)  # the active run, if there is one
