@@ -143,7 +143,8 @@ def save_model(model: keras.Model, path: Path) -> None:
 def start_training_run(params: Params) -> None:
     """Start the training run: its params, where it came from, the data's MD5s."""
     splits = {"train": paths.SPLIT_TRAIN, "validation": paths.SPLIT_VALIDATION}
-    tracking.start_run(params=params.as_dict(), tags={f"data.{n}.md5": tracking.md5(p) for n, p in splits.items()})
+    data_tags = {f"data.{name}.md5": tracking.md5(path) for name, path in splits.items()}
+    tracking.start_run(params=params.as_dict(), tags=data_tags)
 
 
 def log_model(saved: Path) -> None:

@@ -76,8 +76,7 @@ class TrackingClient:
         self.send(tracking.open_stage_experiment, stage, experiment_name)
 
     def send(self, function: Callable[..., Any], *args: Any) -> None:
-        """`function(*args)` starts (or reopens) the run, in the stage's experiment, or logs to it; returns at
-        once."""
+        """`function(*args)` (start the run in the stage's experiment, log to it) runs there; returns at once."""
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it died: the next wait says so
             self._connection.send((function, args))
         self._sent += 1
