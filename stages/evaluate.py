@@ -4,10 +4,8 @@ the per-class table, the confusion matrix figure)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,7 +14,7 @@ from stages.common import paths
 from stages.common.cli import Timer, log, run_stage, signals_held
 from stages.common.dataset import NUM_CLASSES, Examples
 from stages.common.errors import StageError
-from stages.common.outputs import atomic_output, write_json
+from stages.common.outputs import write_csv, write_json
 from stages.common.params import Params, load_params
 from stages.lib import tracking
 from stages.lib.input_pipeline import evaluation_dataset, load_examples, recorded_count
@@ -132,19 +130,9 @@ def confusion_figure(matrix: np.ndarray) -> matplotlib.figure.Figure:
     return figure
 
 
-def write_confusion_csv(path: Path, labels: np.ndarray, predictions: np.ndarray) -> None:
-    """One row per test image, the layout DVC's confusion template plots."""
-    with atomic_output(path) as temporary, open(temporary, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["actual", "predicted"])
-        writer.writerows(zip(labels.tolist(), predictions.tolist(), strict=True))
-
-
 def start_evaluation_run(params: Params, model_md5: str) -> None:
     """Reopen the run that trained the model (see tracking.find_training_run); if no run in this store
     trained it (a model pulled from elsewhere), start a new run that says so."""
-    import mlflow
-
     experiment_id = tracking.open_experiment(params.mlflow_experiment)
     import matplotlib.figure  # noqa: F401  (for log_evaluation's figure: imported here, while the stage predicts)
 
@@ -158,35 +146,28 @@ def start_evaluation_run(params: Params, model_md5: str) -> None:
         "recording this evaluation in a new run",
     )
     tags = {
-        **tracking.source_tags(),
         tracking.EVALUATED_MODEL_TAG: model_md5,
         "mlflow.note.content": f"Evaluation only: no run in this store trained the model (md5 {model_md5}).",
     }
-    tracking.start_run(experiment_id=experiment_id, run_name=f"{tracking.run_name()}-evaluate", tags=tags)
-    mlflow.log_params(params.as_dict())
-
-
-def log_table(table: dict[str, list], artifact_file: str) -> None:
-    """What mlflow.log_table does, into the active run, except that it replaces the file instead of
-    appending the rows to it: evaluating the same run again (`dvc repro -f`) leaves one row per digit.
-    Listed once in the run's tag mlflow.loggedArtifacts, which makes the UI show the file as a table."""
-    import mlflow
-    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
-
-    mlflow.log_dict(table, artifact_file)
-    run_id = mlflow.active_run().info.run_id
-    logged = json.loads(mlflow.MlflowClient().get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
-    entry = {"path": artifact_file, "type": "table"}
-    if entry not in logged:
-        mlflow.set_tag(MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+    name = f"{tracking.run_name()}-evaluate"
+    tracking.start_run(params=params.as_dict(), tags=tags, experiment_id=experiment_id, run_name=name)
 
 
 def log_evaluation(metrics: dict[str, float], per_class: dict[str, dict[str, float]], matrix: np.ndarray) -> None:
-    """Test metrics, the per-class table and the confusion matrix figure, into the active run."""
+    """Test metrics, the per-class table and the confusion matrix figure, into the active run.
+    The table as mlflow.log_table logs it, except that the file is replaced instead of the rows appended to
+    it: evaluating the same run again (`dvc repro -f`) leaves one row per digit. Listed once in the run's tag
+    mlflow.loggedArtifacts, which makes the UI show the file as a table."""
     import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
     mlflow.log_metrics(metrics)
-    log_table(per_class_table(per_class), PER_CLASS_TABLE)
+    mlflow.log_dict(per_class_table(per_class), PER_CLASS_TABLE)
+    run_id = mlflow.active_run().info.run_id
+    logged = json.loads(mlflow.MlflowClient().get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": PER_CLASS_TABLE, "type": "table"}
+    if entry not in logged:
+        mlflow.set_tag(MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
     mlflow.log_figure(confusion_figure(matrix), "confusion_matrix.png", save_kwargs={"dpi": 100})
 
 
@@ -197,7 +178,7 @@ def main() -> None:
     if not paths.MODEL.is_file():
         raise StageError(f"{paths.MODEL}: file not found (run `dvc repro train` to create it)")
     with TrackingClient("evaluate", params.mlflow_experiment) as mlflow_run:
-        mlflow_run.start_run(start_evaluation_run, params, tracking.md5(paths.MODEL))
+        mlflow_run.send(start_evaluation_run, params, tracking.md5(paths.MODEL))
         import_tensorflow(params.numerics)
         with signals_held():
             model = load_model(paths.MODEL)
@@ -208,10 +189,12 @@ def main() -> None:
         print(format_report(results, per_class, matrix), flush=True)
         metrics = {"test_loss": results["test_loss"], "test_accuracy": results["test_accuracy"]}
         check_params_unchanged(params)
-        mlflow_run.log(log_evaluation, metrics, per_class, matrix)
+        mlflow_run.send(log_evaluation, metrics, per_class, matrix)
         experiment_id, run_id = mlflow_run.run_ids()
         write_json(paths.PER_CLASS_METRICS, per_class)
-        write_confusion_csv(paths.CONFUSION, test.labels, results["predictions"])
+        # One row per test image, the layout DVC's confusion template plots.
+        rows = zip(test.labels.tolist(), results["predictions"].tolist(), strict=True)
+        write_csv(paths.CONFUSION, ["actual", "predicted"], rows)
         write_json(paths.EVALUATE_METRICS, metrics)
     log(
         "evaluate",

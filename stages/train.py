@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 from stages.common import paths
 from stages.common.cli import Timer, log, run_stage, signals_held, stop_requested
 from stages.common.dataset import NUM_CLASSES, Examples
-from stages.common.outputs import atomic_output, write_json
+from stages.common.outputs import atomic_output, write_csv, write_json
 from stages.common.params import Params, load_params
 from stages.lib import tracking
 from stages.lib.input_pipeline import evaluation_dataset, load_examples, recorded_count, training_dataset
@@ -141,21 +140,11 @@ def save_model(model: keras.Model, path: Path) -> None:
                 pinned.writestr(fixed, content)
 
 
-def write_history(path: Path, rows: list[dict[str, float]]) -> None:
-    with atomic_output(path) as temporary, open(temporary, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=HISTORY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def start_training_run(params: Params) -> None:
     """Start the training run: its params, where it came from, the data's MD5s."""
-    import mlflow
-
     splits = {"train": paths.SPLIT_TRAIN, "validation": paths.SPLIT_VALIDATION}
     data_tags = {f"data.{name}.md5": tracking.md5(path) for name, path in splits.items()}
-    tracking.start_run(run_name=tracking.run_name(), tags={**tracking.source_tags(), **data_tags})
-    mlflow.log_params(params.as_dict())
+    tracking.start_run(params=params.as_dict(), tags=data_tags)
 
 
 def log_model(saved: Path) -> None:
@@ -204,7 +193,7 @@ def epoch_reporter(mlflow_run: TrackingClient) -> keras.callbacks.Callback:
 
     def report(epoch: int, logs: dict[str, float]) -> None:
         metrics = {name: float(logs[name]) for name in METRICS if name in logs}
-        mlflow_run.log_epoch(epoch + 1, metrics)
+        mlflow_run.send(tracking.log_epoch, epoch + 1, metrics)
         if os.environ.get(tracking.EPOCH_JSON_ENV):
             print(tracking.EPOCH_LINE_PREFIX + json.dumps({"epoch": epoch + 1, **metrics}), flush=True)
 
@@ -224,7 +213,7 @@ def main() -> None:
             counts = f"{len(train_examples.labels)} train / {len(validation_examples.labels)} validation"
             log("train", f"{counts} records loaded in {timer}")
             # Only now: a bad input records no run, and a store that refuses us costs no training.
-            mlflow_run.start_run(start_training_run, params)
+            mlflow_run.send(start_training_run, params)
             experiment_id, run_id = mlflow_run.run_ids()
             with signals_held():  # a signal stops training at the end of the epoch, then is raised
                 model, history = train(params, train_examples, validation_examples, [epoch_reporter(mlflow_run)])
@@ -237,7 +226,7 @@ def main() -> None:
         if saved:  # a model without its complete run, and without its metrics: half of a result
             paths.MODEL.unlink()
         raise
-    write_history(paths.TRAIN_HISTORY, history)
+    write_csv(paths.TRAIN_HISTORY, HISTORY_COLUMNS, [[row[name] for name in HISTORY_COLUMNS] for row in history])
     final = train_metrics(params, history)
     write_json(paths.TRAIN_METRICS, final)
     log(

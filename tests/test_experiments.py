@@ -63,7 +63,7 @@ def built(tmp_path_factory):
     with mlflow_as_a_stage(root):
         experiment_id = tracking.open_experiment("mnist-dnn")
         for name, epochs in (("main", 5), ("seven", 7)):
-            with tracking.recorded_run(experiment_id=experiment_id, tags={tracking.MODEL_TAG: model_md5(epochs)}) as r:
+            with tracking.start_run(experiment_id=experiment_id, tags={tracking.MODEL_TAG: model_md5(epochs)}) as r:
                 mlflow.pyfunc.log_model(name="model", python_model=answering_model(name), pip_requirements=["mlflow"])
             runs[name] = r.info.run_id
     return root, runs, experiment_id
@@ -159,7 +159,7 @@ def test_a_copy_of_the_repository_records_into_its_own_mlflow_artifacts(experime
         assert logged.artifact_location.startswith(f"{own}/")
     with mlflow_as_a_stage(root):
         assert tracking.open_experiment("mnist-dnn") == experiment_id
-        with tracking.recorded_run(experiment_id=experiment_id) as new:
+        with tracking.start_run(experiment_id=experiment_id) as new:
             mlflow.log_text("written in the copy", "note.txt")
     assert list((root / "mlartifacts").rglob("note.txt"))
     assert not list((built[0] / "mlartifacts").rglob("note.txt"))

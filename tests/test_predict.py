@@ -211,7 +211,7 @@ def logged(fixed_model, tmp_path_factory, make_examples):
     path, model, _ = fixed_model
     root = tmp_path_factory.mktemp("store")
     with mlflow_as_a_stage(root):
-        with tracking.recorded_run(experiment_id=tracking.open_experiment("tests")) as run:
+        with tracking.start_run(experiment_id=tracking.open_experiment("tests")) as run:
             log_model(path)
         model_id = mlflow.last_logged_model().model_id
         version = mlflow.register_model(f"models:/{model_id}", "digits").version

@@ -61,7 +61,7 @@ def store(tmp_path_factory):
         for i, (name, (validation, test)) in enumerate(ACCURACIES.items(), start=1):
             model_md5 = str(i) * 32
             tags = {tracking.MODEL_TAG: model_md5, "data.train.md5": "a" * 32, "data.validation.md5": "b" * 32}
-            with tracking.recorded_run(experiment_id=experiment_id, tags=tags) as run_:
+            with tracking.start_run(experiment_id=experiment_id, tags=tags) as run_:
                 mlflow.pyfunc.log_model(name="model", python_model=answering_model(name), pip_requirements=["mlflow"])
             runs[name] = run_.info.run_id
             rows.append(row(name, f"{i}" * 40, model_md5, val_accuracy=validation, test_accuracy=test))
@@ -226,9 +226,9 @@ def test_of_two_runs_of_one_model_file_the_one_with_its_test_metrics_is_promoted
 
     experiment_id, client, rows, _ = store
     tags = {tracking.MODEL_TAG: "9" * 32}
-    with tracking.recorded_run(experiment_id=experiment_id, tags=tags) as evaluated:
+    with tracking.start_run(experiment_id=experiment_id, tags=tags) as evaluated:
         mlflow.log_metric("test_accuracy", 0.9)
-    with tracking.recorded_run(experiment_id=experiment_id, tags=tags):
+    with tracking.start_run(experiment_id=experiment_id, tags=tags):
         pass
     retrained = row("retrained", "9" * 40, "9" * 32, val_accuracy=0.9, test_accuracy=0.9)
     assert promote.candidate([*rows, retrained], experiment_id, "retrained")[1].info.run_id == evaluated.info.run_id

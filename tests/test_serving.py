@@ -53,7 +53,7 @@ def served(tmp_path_factory, make_examples, server_log):
         patch.setenv("DVC_ROOT", str(root))
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         try:
-            with tracking.recorded_run(experiment_id=tracking.open_experiment("tests")):
+            with tracking.start_run(experiment_id=tracking.open_experiment("tests")):
                 log_model(root / "model.keras")
             version = mlflow.register_model(f"models:/{mlflow.last_logged_model().model_id}", "mnist-dnn").version
             mlflow.MlflowClient().set_registered_model_alias("mnist-dnn", "champion", version)

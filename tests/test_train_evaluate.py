@@ -2,7 +2,9 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import re
+import socket
 import time
 import zipfile
 from pathlib import Path
@@ -13,7 +15,6 @@ from PIL import Image
 
 from stages import evaluate
 from stages.common import paths
-from stages.common.cli import Terminated
 from stages.common.errors import StageError
 from stages.common.params import parse_params
 from stages.lib import tracking
@@ -172,45 +173,28 @@ def test_opening_a_broken_store_is_one_line(stage_root):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize(
-    "exception, status",
-    [
-        (None, "FINISHED"),
-        (RuntimeError("bug"), "FAILED"),
-        (StageError("bad input"), "FAILED"),
-        (Terminated("SIGTERM"), "KILLED"),
-        (KeyboardInterrupt(), "KILLED"),
-    ],
-)
-def test_recorded_run_always_ends_with_the_matching_status(experiment, exception, status):
+def test_a_new_run_has_its_params_name_source_and_owner_and_ends_with_its_block(experiment, monkeypatch):
     import mlflow
 
     experiment_id, client = experiment
-    started = []
-
-    def stage():
-        with tracking.recorded_run(experiment_id=experiment_id) as run:
-            started.append(run.info.run_id)
-            mlflow.log_metrics({"loss": 0.5}, step=1)
-            if exception is not None:
-                raise exception
-
-    if exception is None:
-        stage()
-    else:
-        with pytest.raises(type(exception)):
-            stage()
-    [run_id] = started
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-b")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "3" * 40)
+    started = tracking.start_run(params={"epochs": 2}, tags={"extra": "x"}, experiment_id=experiment_id)
+    with pytest.raises(RuntimeError), started as run:
+        raise RuntimeError("bug")
     assert mlflow.active_run() is None
-    assert client.get_run(run_id).info.status == status
-    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [0.5]
+    recorded = client.get_run(run.info.run_id)
+    assert (recorded.info.run_name, recorded.info.status, recorded.data.params) == ("exp-b", "FAILED", {"epochs": "2"})
+    tags = recorded.data.tags
+    assert (tags["git.commit"], tags["dvc.experiment"], tags["extra"]) == ("3" * 40, "exp-b", "x")
+    assert (tags["process.pid"], tags["process.host"]) == (str(os.getpid()), socket.gethostname())
 
 
 def training_run(experiment_id, model_md5, evaluated=False, host=None):
     """A finished run tagged as having trained the model with `model_md5`; its id."""
     import mlflow
 
-    with tracking.recorded_run(experiment_id=experiment_id, tags={tracking.MODEL_TAG: model_md5}) as run:
+    with tracking.start_run(experiment_id=experiment_id, tags={tracking.MODEL_TAG: model_md5}) as run:
         if host:
             mlflow.set_tag("process.host", host)
         if evaluated:

@@ -1,9 +1,10 @@
 """Writing outputs so that a stage killed at any moment never leaves a truncated file behind."""
 
 import contextlib
+import csv
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +41,11 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write `data` as stable, sorted JSON, atomically."""
     with atomic_output(path) as temporary:
         temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a header row and `rows` as CSV, atomically."""
+    with atomic_output(path) as temporary, open(temporary, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows(rows)

@@ -19,11 +19,10 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from unittest import mock
 
 import psutil
 
-from stages.common.cli import Terminated, log
+from stages.common.cli import log
 from stages.common.errors import StageError, first_line
 
 if TYPE_CHECKING:
@@ -84,21 +83,18 @@ def run_name() -> str:
 
 
 def source_tags() -> dict[str, str]:
-    """Where a run came from: the git commit, the DVC experiment if any, the parent run if any (a study's)."""
-    tags = {"git.commit": git_commit() or "unknown"}
+    """Where a run came from: the git commit (for a queued experiment, the one it was queued on), the DVC
+    experiment if any, the parent run if any (a study's)."""
+    commit = os.environ.get("DVC_EXP_BASELINE_REV")
+    if not commit:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True)
+        commit = head.stdout.strip() if head.returncode == 0 else "unknown"
+    tags = {"git.commit": commit}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
     if os.environ.get(PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
     return tags
-
-
-def git_commit() -> str | None:
-    """The commit the run's code came from; for a queued experiment, the commit it was queued on."""
-    if os.environ.get("DVC_EXP_BASELINE_REV"):
-        return os.environ["DVC_EXP_BASELINE_REV"]
-    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True, check=False)
-    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def md5(path: Path) -> str:
@@ -113,11 +109,12 @@ def open_experiment(experiment_name: str) -> str:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # a new mlflow.db's "Creating tables"
     default_store = not os.environ.get("MLFLOW_TRACKING_URI")
     uri = tracking_uri()
-    unset = {name: value for name, value in CONNECT_SETTINGS.items() if name not in os.environ}
+    # Removed again after connecting: the settings apply while connecting, and MLFLOW_TRACKING_URI, which
+    # set_tracking_uri exports, keeps meaning "the user's choice".
+    added = [name for name in (*CONNECT_SETTINGS, "MLFLOW_TRACKING_URI") if name not in os.environ]
+    os.environ.update({name: CONNECT_SETTINGS[name] for name in added if name in CONNECT_SETTINGS})
     try:
-        # os.environ is restored after the block: the settings apply while connecting, and MLFLOW_TRACKING_URI,
-        # which set_tracking_uri exports, keeps meaning "the user's choice".
-        with mock.patch.dict(os.environ, unset), _store_setup_lock(default_store):
+        with _store_setup_lock(default_store):
             mlflow.set_tracking_uri(uri)
             client = mlflow.MlflowClient()
             experiment = client.get_experiment_by_name(experiment_name)
@@ -137,6 +134,9 @@ def open_experiment(experiment_name: str) -> str:
                 "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
             ) from exc
         raise StageError(f"MLflow tracking store {uri} is unreachable or broken: {first_line(exc)}") from exc
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
     if experiment.lifecycle_stage == "deleted":
         raise StageError(
             f"MLflow experiment '{experiment_name}' is deleted in {uri}: restore it "
@@ -168,19 +168,11 @@ def _store_setup_lock(default_store: bool) -> Iterator[None]:
         yield
 
 
-def find_training_run(experiment_id: str, model_md5: str) -> mlflow.entities.Run | None:
-    """The run evaluate records into, of those that trained the model file with this MD5: one not yet
-    evaluated (a forced rerun's), then this host's, then the newest (a model DVC restored from its run-cache)."""
-    return _run_of_model(experiment_id, model_md5, evaluated=False)
-
-
-def find_evaluated_run(experiment_id: str, model_md5: str) -> mlflow.entities.Run | None:
-    """The run to show for the model file with this MD5 (runs, promote): one with test metrics (train reran
-    but DVC restored evaluate: the new run has none), then this host's, then the newest."""
-    return _run_of_model(experiment_id, model_md5, evaluated=True)
-
-
-def _run_of_model(experiment_id: str, model_md5: str, evaluated: bool) -> mlflow.entities.Run | None:
+def find_training_run(experiment_id: str, model_md5: str, evaluated: bool = False) -> mlflow.entities.Run | None:
+    """Of the runs that trained the model file with this MD5: the run evaluate records into, one not yet
+    evaluated (a forced rerun's); with `evaluated`, the run to show (runs, promote), one with test metrics (train
+    reran but DVC restored evaluate: the new run has none). Then this host's, then the newest (a model DVC
+    restored from its run-cache)."""
     import mlflow
 
     runs = mlflow.MlflowClient().search_runs(
@@ -194,50 +186,50 @@ def _run_of_model(experiment_id: str, model_md5: str, evaluated: bool) -> mlflow
     )
 
 
-def close_orphaned_runs(experiment_id: str) -> list[str]:
-    """Mark KILLED the runs left RUNNING by stages on this host whose process is gone (SIGKILL, power loss)."""
+def find_evaluated_run(experiment_id: str, model_md5: str) -> mlflow.entities.Run | None:
+    return find_training_run(experiment_id, model_md5, evaluated=True)
+
+
+def open_stage_experiment(stage: str, experiment_name: str) -> str:
+    """For a stage: open the store and make the experiment the active one; mark KILLED the runs left RUNNING
+    by stages on this host whose process is gone (SIGKILL, power loss). Returns the experiment's id."""
     import mlflow
 
+    experiment_id = open_experiment(experiment_name)
+    mlflow.set_experiment(experiment_id=experiment_id)
     client = mlflow.MlflowClient()
     running = client.search_runs(
         [experiment_id],
         filter_string=f"attributes.status = 'RUNNING' and tags.`process.host` = '{socket.gethostname()}'",
     )
-    orphans = [
-        run.info.run_id
-        for run in running
-        if run.data.tags.get("process.pid", "").isdigit() and not psutil.pid_exists(int(run.data.tags["process.pid"]))
-    ]
-    for run_id in orphans:
-        client.set_terminated(run_id, "KILLED")
-    return orphans
-
-
-def open_stage_experiment(stage: str, experiment_name: str) -> str:
-    """For a stage: open the store and make the experiment the active one; mark KILLED the runs that killed
-    stages on this host left RUNNING. Returns the experiment's id."""
-    import mlflow
-
-    experiment_id = open_experiment(experiment_name)
-    mlflow.set_experiment(experiment_id=experiment_id)
-    for run_id in close_orphaned_runs(experiment_id):
-        log(stage, f"MLflow run {run_id} was left RUNNING by a killed stage; marked it KILLED")
+    for run in running:
+        pid = run.data.tags.get("process.pid", "")
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
+            log(stage, f"MLflow run {run.info.run_id} was left RUNNING by a killed stage; marked it KILLED")
     return experiment_id
 
 
-def start_run(run_id: str | None = None, tags: dict[str, str] | None = None, **start_run_args: Any) -> mlflow.ActiveRun:
-    """Start a run (or reopen `run_id`), tagged with the host and pid that hold it open (close_orphaned_runs)."""
+def start_run(
+    run_id: str | None = None, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None, **args: Any
+) -> mlflow.ActiveRun:
+    """Start a run with `params`, tagged with where it came from, `tags`, and the host and pid that hold it open
+    (open_stage_experiment), named run_name() unless `args` (mlflow.start_run's) name it; or reopen `run_id`.
+    Leaving the returned run as a `with` block ends it FINISHED, or FAILED on an exception."""
     import mlflow
 
     owner = {"process.host": socket.gethostname(), "process.pid": str(os.getpid())}
     try:
-        if run_id is None:
-            return mlflow.start_run(tags={**owner, **(tags or {})}, **start_run_args)
-        for key, value in owner.items():  # claimed before it shows as RUNNING again
-            mlflow.MlflowClient().set_tag(run_id, key, value)
-        return mlflow.start_run(run_id=run_id)
+        if run_id is not None:
+            for key, value in owner.items():  # claimed before it shows as RUNNING again
+                mlflow.MlflowClient().set_tag(run_id, key, value)
+            return mlflow.start_run(run_id=run_id)
+        run = mlflow.start_run(**{"run_name": run_name(), **args}, tags={**owner, **source_tags(), **(tags or {})})
     except mlflow.exceptions.MlflowException as exc:
         raise StageError(f"MLflow: cannot start a run in {tracking_uri()}: {first_line(exc)}") from exc
+    if params:
+        mlflow.log_params(params)
+    return run
 
 
 def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -247,25 +239,6 @@ def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
 
 
 def end_run(status: str = "FINISHED") -> None:
-    """End the active run, if there is one, with `status`."""
     import mlflow
 
-    if mlflow.active_run() is not None:
-        mlflow.end_run(status)
-
-
-@contextlib.contextmanager
-def recorded_run(
-    run_id: str | None = None, tags: dict[str, str] | None = None, **start_run_args: Any
-) -> Iterator[mlflow.ActiveRun]:
-    """A run (see start_run) that always ends: FINISHED, FAILED, or KILLED on SIGINT/SIGTERM."""
-    run = start_run(run_id, tags, **start_run_args)
-    status = "FAILED"
-    try:
-        yield run
-        status = "FINISHED"
-    except (KeyboardInterrupt, Terminated):
-        status = "KILLED"
-        raise
-    finally:
-        end_run(status)
+    mlflow.end_run(status)  # the active run, if there is one

@@ -6,9 +6,9 @@ TrackingClient, whose process does the MLflow work on the other core (docs/speed
 
     with TrackingClient("train", experiment_name) as mlflow_run:  # opens the store, returns at once
         ...                                                        # import TensorFlow meanwhile
-        mlflow_run.start_run(start_training_run, params)          # returns at once
+        mlflow_run.send(start_training_run, params)               # returns at once
         experiment_id, run_id = mlflow_run.run_ids()              # waits until the run has started
-        mlflow_run.log_epoch(1, {"loss": 0.3})                    # returns at once
+        mlflow_run.send(tracking.log_epoch, 1, {"loss": 0.3})     # returns at once
         mlflow_run.log(log_model, path)                           # waits until it is logged
 
 The process does these one at a time, in order; after one fails, nothing but the run's end. The error reaches
@@ -16,7 +16,7 @@ the stage at the next method that waits, as one line (a bug's traceback is print
 `wait_seconds()` (MLflow's client retries a dead server for minutes), and Ctrl-C or SIGTERM stop the stage while
 it waits; the process ignores both. Leaving the block ends the run: FINISHED, else KILLED (SIGINT, SIGTERM) or
 FAILED, waiting END_SECONDS at most. If the stage dies, the process ends the run KILLED; a run nobody could end
-(its store down) is marked KILLED by the next stage on this host (tracking.close_orphaned_runs).
+(its store down) is marked KILLED by the next stage on this host (tracking.open_stage_experiment).
 
 Not concurrent.futures.ProcessPoolExecutor: its worker cannot tell that the stage died, and killing it after
 a wait needs the pool's private list of processes.
@@ -73,24 +73,21 @@ class TrackingClient:
         their_end.close()
         self._sent = self._answered = 0
         self._error: StageError | None = None
-        self._send(tracking.open_stage_experiment, stage, experiment_name)
+        self.send(tracking.open_stage_experiment, stage, experiment_name)
 
-    def start_run(self, start: Callable[..., Any], *args: Any) -> None:
-        """`start(*args)` starts (or reopens) the run, in the stage's experiment; returns at once."""
-        self._send(start, *args)
+    def send(self, function: Callable[..., Any], *args: Any) -> None:
+        """`function(*args)` (start the run in the stage's experiment, log to it) runs there; returns at once."""
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it died: the next wait says so
+            self._connection.send((function, args))
+        self._sent += 1
 
     def run_ids(self) -> tuple[str, str]:
-        """Wait until the run has started: its (experiment id, run id)."""
-        self._send(_run_ids)
-        return self._wait(self._wait_seconds)
-
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Log an epoch's metrics to the run; returns at once."""
-        self._send(tracking.log_epoch, epoch, metrics)
+        """Wait until the run has started (and what was sent before is done): its (experiment id, run id)."""
+        return self.log(_run_ids)
 
     def log(self, function: Callable[..., Any], *args: Any) -> Any:
         """`function(*args)` logs to the run; wait for it (and what was sent before) and return its result."""
-        self._send(function, *args)
+        self.send(function, *args)
         return self._wait(self._wait_seconds)
 
     def __enter__(self) -> Self:
@@ -105,7 +102,7 @@ class TrackingClient:
             elif self._process.is_alive():
                 status = "KILLED" if isinstance(exception, KeyboardInterrupt | Terminated) else "FAILED"
                 self._error = None  # the stage's own exception is the one to report
-                self._send(tracking.end_run, status)
+                self.send(tracking.end_run, status)
                 self._wait(END_SECONDS)
         except StageError:
             if exception is None:
@@ -114,11 +111,6 @@ class TrackingClient:
             if self._process.is_alive():
                 self._process.kill()
             self._connection.close()
-
-    def _send(self, function: Callable[..., Any], *args: Any) -> None:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it died: the next wait says so
-            self._connection.send((function, args))
-        self._sent += 1
 
     def _wait(self, seconds: float) -> Any:
         """Read the answers to everything sent: the last one's result, or the first error."""
