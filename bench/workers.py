@@ -165,7 +165,7 @@ def pipeline_worker(
             from stages.lib.tracking_process import TrackingClient
 
             mlflow_run = tracking.enter_context(TrackingClient("bench", params.mlflow_experiment))
-            mlflow_run.send(train_stage.start_training_run, params)
+            mlflow_run.start_run(train_stage.start_training_run, params)
             mlflow_run.run_ids()
             callbacks.insert(0, train_stage.epoch_reporter(mlflow_run))
         model, _ = train_stage.train(params, train_examples, validation_examples, callbacks=callbacks)

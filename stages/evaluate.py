@@ -178,7 +178,7 @@ def main() -> None:
     if not paths.MODEL.is_file():
         raise StageError(f"{paths.MODEL}: file not found (run `dvc repro train` to create it)")
     with TrackingClient("evaluate", params.mlflow_experiment) as mlflow_run:
-        mlflow_run.send(start_evaluation_run, params, tracking.md5(paths.MODEL))
+        mlflow_run.start_run(start_evaluation_run, params, tracking.md5(paths.MODEL))
         import_tensorflow(params.numerics)
         with signals_held():
             model = load_model(paths.MODEL)
@@ -189,7 +189,7 @@ def main() -> None:
         print(format_report(results, per_class, matrix), flush=True)
         metrics = {"test_loss": results["test_loss"], "test_accuracy": results["test_accuracy"]}
         check_params_unchanged(params)
-        mlflow_run.send(log_evaluation, metrics, per_class, matrix)
+        mlflow_run.log(log_evaluation, metrics, per_class, matrix)
         experiment_id, run_id = mlflow_run.run_ids()
         write_json(paths.PER_CLASS_METRICS, per_class)
         # One row per test image, the layout DVC's confusion template plots.

@@ -193,7 +193,7 @@ def epoch_reporter(mlflow_run: TrackingClient) -> keras.callbacks.Callback:
 
     def report(epoch: int, logs: dict[str, float]) -> None:
         metrics = {name: float(logs[name]) for name in METRICS if name in logs}
-        mlflow_run.send(tracking.log_epoch, epoch + 1, metrics)
+        mlflow_run.log_epoch(epoch + 1, metrics)
         if os.environ.get(tracking.EPOCH_JSON_ENV):
             print(tracking.EPOCH_LINE_PREFIX + json.dumps({"epoch": epoch + 1, **metrics}), flush=True)
 
@@ -213,7 +213,7 @@ def main() -> None:
             counts = f"{len(train_examples.labels)} train / {len(validation_examples.labels)} validation"
             log("train", f"{counts} records loaded in {timer}")
             # Only now: a bad input records no run, and a store that refuses us costs no training.
-            mlflow_run.send(start_training_run, params)
+            mlflow_run.start_run(start_training_run, params)
             experiment_id, run_id = mlflow_run.run_ids()
             with signals_held():  # a signal stops training at the end of the epoch, then is raised
                 model, history = train(params, train_examples, validation_examples, [epoch_reporter(mlflow_run)])

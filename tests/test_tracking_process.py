@@ -46,11 +46,11 @@ def run_status(root: Path, run_id: str) -> str:
     return mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(run_id).info.status
 
 
-def test_functions_run_there_in_order_and_send_does_not_wait(stage_root):
+def test_functions_run_there_in_order_and_start_run_does_not_wait(stage_root):
     log = stage_root / "log"
     with TrackingClient("test", "tests") as mlflow_run:
-        mlflow_run.send(note, str(log), "first")
-        mlflow_run.send(note, str(log), "second")
+        mlflow_run.start_run(note, str(log), "first")
+        mlflow_run.start_run(note, str(log), "second")
         pid = mlflow_run.log(note, str(log), "third")
         assert mlflow_run.log(double, 21) == 42
     assert pid != os.getpid()
@@ -59,10 +59,10 @@ def test_functions_run_there_in_order_and_send_does_not_wait(stage_root):
 
 def test_the_run_started_there_gets_its_epochs_and_ends_finished(stage_root):
     with TrackingClient("test", "tests") as mlflow_run:
-        mlflow_run.send(tracking.start_run)
+        mlflow_run.start_run(tracking.start_run)
         experiment_id, run_id = mlflow_run.run_ids()
-        mlflow_run.send(tracking.log_epoch, 1, {"loss": 0.5})
-        mlflow_run.send(tracking.log_epoch, 2, {"loss": 0.25})
+        mlflow_run.log_epoch(1, {"loss": 0.5})
+        mlflow_run.log_epoch(2, {"loss": 0.25})
     client = mlflow.MlflowClient(f"sqlite:///{stage_root}/mlflow.db")
     assert client.get_experiment(experiment_id).name == "tests"
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.5), (2, 0.25)]
@@ -75,8 +75,8 @@ def test_an_error_that_did_not_wait_reaches_the_next_wait_and_nothing_else_runs_
         pytest.raises(StageError, match="^MLflow tracking store x is unreachable$"),
         TrackingClient("test", "tests") as mlflow_run,
     ):
-        mlflow_run.send(refuse, "MLflow tracking store x is unreachable")
-        mlflow_run.send(note, str(log), "after the error")
+        mlflow_run.start_run(refuse, "MLflow tracking store x is unreachable")
+        mlflow_run.start_run(note, str(log), "after the error")
         mlflow_run.log(double, 1)
     assert notes(log) == []
 
@@ -92,7 +92,7 @@ def test_a_bug_there_is_one_line_here_and_its_traceback_there(stage_root, capfd)
 @pytest.mark.parametrize("exception, status", [(KeyboardInterrupt(), "KILLED"), (ValueError("bad"), "FAILED")])
 def test_the_stages_exception_ends_the_run_and_the_stage_keeps_its_own(stage_root, exception, status):
     with pytest.raises(type(exception)), TrackingClient("test", "tests") as mlflow_run:
-        mlflow_run.send(tracking.start_run)
+        mlflow_run.start_run(tracking.start_run)
         _, run_id = mlflow_run.run_ids()
         raise exception
     assert run_status(stage_root, run_id) == status
@@ -124,7 +124,7 @@ from stages.lib.tracking_process import TrackingClient
 
 def main():
     with TrackingClient("demo", "tests") as mlflow_run:
-        mlflow_run.send(start_run)
+        mlflow_run.start_run(start_run)
         _, run_id = mlflow_run.run_ids()
         pid = mlflow_run.log(__import__("os").getpid)
         print("run", run_id, "process", pid, flush=True)
@@ -177,9 +177,9 @@ def log_epoch_after_breaking_the_store(root: str, epoch: int) -> None:
 
 def test_metrics_the_store_does_not_take_fail_the_stage_in_one_line_and_the_run_failed(stage_root):
     with pytest.raises(StageError) as error, TrackingClient("test", "tests") as mlflow_run:
-        mlflow_run.send(tracking.start_run)
+        mlflow_run.start_run(tracking.start_run)
         _, run_id = mlflow_run.run_ids()
-        mlflow_run.send(tracking.log_epoch, 1, {"loss": 0.5})
+        mlflow_run.log_epoch(1, {"loss": 0.5})
         mlflow_run.log(log_epoch_after_breaking_the_store, str(stage_root), 2)
     assert str(error.value).startswith(f"MLflow tracking store sqlite:///{stage_root}/mlflow.db")
     assert "\n" not in str(error.value)
@@ -188,7 +188,7 @@ def test_metrics_the_store_does_not_take_fail_the_stage_in_one_line_and_the_run_
 
 def test_terminated_counts_as_killed(stage_root):
     with pytest.raises(Terminated), TrackingClient("test", "tests") as mlflow_run:
-        mlflow_run.send(tracking.start_run)
+        mlflow_run.start_run(tracking.start_run)
         _, run_id = mlflow_run.run_ids()
         raise Terminated("SIGTERM")
     assert run_status(stage_root, run_id) == "KILLED"

@@ -6,9 +6,9 @@ TrackingClient, whose process does the MLflow work on the other core (docs/speed
 
     with TrackingClient("train", experiment_name) as mlflow_run:  # opens the store, returns at once
         ...                                                        # import TensorFlow meanwhile
-        mlflow_run.send(start_training_run, params)               # returns at once
+        mlflow_run.start_run(start_training_run, params)          # returns at once
         experiment_id, run_id = mlflow_run.run_ids()              # waits until the run has started
-        mlflow_run.send(tracking.log_epoch, 1, {"loss": 0.3})     # returns at once
+        mlflow_run.log_epoch(1, {"loss": 0.3})                    # returns at once
         mlflow_run.log(log_model, path)                           # waits until it is logged
 
 The process does these one at a time, in order; after one fails, nothing but the run's end. The error reaches
@@ -73,13 +73,15 @@ class TrackingClient:
         their_end.close()
         self._sent = self._answered = 0
         self._error: StageError | None = None
-        self.send(tracking.open_stage_experiment, stage, experiment_name)
+        self._send(tracking.open_stage_experiment, stage, experiment_name)
 
-    def send(self, function: Callable[..., Any], *args: Any) -> None:
-        """`function(*args)` (start the run in the stage's experiment, log to it) runs there; returns at once."""
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it died: the next wait says so
-            self._connection.send((function, args))
-        self._sent += 1
+    def start_run(self, start: Callable[..., Any], *args: Any) -> None:
+        """`start(*args)` starts (or reopens) the run, in the stage's experiment; returns at once."""
+        self._send(start, *args)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Log an epoch's metrics to the run; returns at once."""
+        self._send(tracking.log_epoch, epoch, metrics)
 
     def run_ids(self) -> tuple[str, str]:
         """Wait until the run has started (and what was sent before is done): its (experiment id, run id)."""
@@ -87,7 +89,7 @@ class TrackingClient:
 
     def log(self, function: Callable[..., Any], *args: Any) -> Any:
         """`function(*args)` logs to the run; wait for it (and what was sent before) and return its result."""
-        self.send(function, *args)
+        self._send(function, *args)
         return self._wait(self._wait_seconds)
 
     def __enter__(self) -> Self:
@@ -102,7 +104,7 @@ class TrackingClient:
             elif self._process.is_alive():
                 status = "KILLED" if isinstance(exception, KeyboardInterrupt | Terminated) else "FAILED"
                 self._error = None  # the stage's own exception is the one to report
-                self.send(tracking.end_run, status)
+                self._send(tracking.end_run, status)
                 self._wait(END_SECONDS)
         except StageError:
             if exception is None:
@@ -111,6 +113,11 @@ class TrackingClient:
             if self._process.is_alive():
                 self._process.kill()
             self._connection.close()
+
+    def _send(self, function: Callable[..., Any], *args: Any) -> None:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it died: the next wait says so
+            self._connection.send((function, args))
+        self._sent += 1
 
     def _wait(self, seconds: float) -> Any:
         """Read the answers to everything sent: the last one's result, or the first error."""
