@@ -4,7 +4,10 @@ import contextlib
 import dataclasses
 import json
 import multiprocessing
+import os
+import signal
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -17,6 +20,7 @@ import yaml
 from stages import tune
 from stages.common.errors import StageError
 from stages.common.params import load_params
+from stages.lib import stop_with_parent
 from stages.lib.search_space import load_space, parse_space, set_arguments, suggest
 from stages.lib.tracking import EPOCH_JSON_ENV, EPOCH_LINE_PREFIX
 from tests.conftest import REAL_PARAMS, REPO
@@ -340,6 +344,38 @@ def test_stop_all_stops_the_running_trials_at_their_epoch_end_and_starts_no_new_
     tune.run_trials(study, runner, searched, BASE, 3)
     assert [(t.state.name, t.user_attrs.get("failure")) for t in study.trials] == [("FAIL", None)]
     assert started(tmp_path) == ["s-0"]  # the one run before, none since
+
+
+# The command takes its SIGINT with the signal blocked all along (as FAKE_TRIAL does), so only stop_with_parent
+# can be killed by the second one: when it comes as the command has just exited.
+STOPPED_COMMAND = """
+import signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+print("ready", flush=True)
+signal.sigwait({signal.SIGINT})
+sys.exit(130)
+"""
+
+
+def run_under_stop_with_parent(*command, stdout=None):
+    wrapped = [sys.executable, stop_with_parent.__file__, str(os.getpid()), sys.executable, "-c", *command]
+    return subprocess.Popen(wrapped, stdout=stdout, text=True, start_new_session=True)
+
+
+def test_stop_with_parent_exits_with_its_commands_status_whenever_a_second_sigint_comes():
+    for milliseconds in range(30):  # the second at 0 to 29 ms: before, as and after the command ends
+        process = run_under_stop_with_parent(STOPPED_COMMAND, stdout=subprocess.PIPE)
+        assert process.stdout.readline() == "ready\n"
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C, then stop_all again
+        time.sleep(milliseconds / 1000)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+
+
+def test_stop_with_parent_reports_a_command_killed_by_a_signal_as_a_shell_does():
+    killed = "import os, signal; signal.signal(signal.SIGINT, signal.SIG_DFL); os.kill(os.getpid(), signal.SIGINT)"
+    assert run_under_stop_with_parent(killed).wait(timeout=30) == 128 + signal.SIGINT
 
 
 def test_a_grid_runs_each_point_once_two_at_a_time_and_stops_at_its_size(tmp_path):

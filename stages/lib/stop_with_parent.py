@@ -25,8 +25,11 @@ def main(parent: int, command: list[str]) -> int:
     process = subprocess.Popen(command)
     if os.getppid() != parent:  # the parent died before prctl, or its SIGHUP came before the command started
         os.killpg(0, signal.SIGINT)
-    return process.wait()
+    status = process.wait()
+    return 128 - status if status < 0 else status  # killed by signal N: 128 + N, as a shell reports it
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]), sys.argv[2:]))
+    # Not sys.exit: the interpreter's teardown restores SIGINT's default action, and a second Ctrl-C (or
+    # stop_all) arriving then would kill this process, its command's exit status lost (-2, not 130).
+    os._exit(main(int(sys.argv[1]), sys.argv[2:]))
